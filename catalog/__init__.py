@@ -1,0 +1,1 @@
+"""The wildzoo catalog: Parquet shards of models, tensors, tokens and properties, queried with DuckDB."""

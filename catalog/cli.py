@@ -1,0 +1,53 @@
+"""What every command line of wildzoo shares: one-line errors, exit codes, logging, a console entry."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Callable, Sequence
+
+from catalog.errors import WildzooError
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse that reports a bad command line as one line on stderr and exits with 2."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
+def setup_logging(verbose: bool = False) -> None:
+    logging.basicConfig(
+        level=logging.DEBUG if verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        datefmt="%H:%M:%S",
+        stream=sys.stderr,
+    )
+
+
+def run(main: Callable[[Sequence[str] | None], int], argv: Sequence[str] | None = None, prog: str = "wildzoo") -> int:
+    """Run a command's main; user errors become one line on stderr and exit code 1, never a traceback."""
+    try:
+        return main(argv)
+    except WildzooError as e:
+        print(f"{prog}: error: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print(f"{prog}: interrupted", file=sys.stderr)
+        return 130
+    except BrokenPipeError:
+        return 0
+
+
+def wildzoo_main() -> None:
+    """`wildzoo crawl|catalog|train|zoo ...`: the console script grouping the four entry points."""
+    import importlib
+
+    commands = ("crawl", "catalog", "train", "zoo")
+    if len(sys.argv) < 2 or sys.argv[1] not in commands:
+        print(f"usage: wildzoo {{{','.join(commands)}}} ...  (each is also `python -m <command>`)", file=sys.stderr)
+        sys.exit(2)
+    module = importlib.import_module(f"{sys.argv[1]}.__main__")
+    sys.argv = [f"wildzoo {sys.argv[1]}", *sys.argv[2:]]
+    sys.exit(module.cli())

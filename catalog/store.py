@@ -1,0 +1,206 @@
+"""The catalog on disk (a folder or an object-store prefix): metadata, shards, and what is done.
+
+A shard is the unit of writing and of resumption: `<table>/<shard>.parquet` for each table, written
+under a temporary name and renamed into place when complete. The `models` file is written last and
+is the shard's commit marker: shards of other tables without it are leftovers of a killed crawl and
+are removed before the next crawl starts, so a rerun neither loses nor duplicates anything.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
+import pyarrow as pa
+import pyarrow.fs as pafs
+import pyarrow.parquet as pq
+
+from catalog.errors import WildzooError
+from catalog.schema import TABLES, CatalogSpec, schema_for
+
+TMP_PREFIX = ".tmp-"
+
+
+def resolve(uri: str) -> tuple[pafs.FileSystem, str]:
+    """A pyarrow filesystem and path for a local folder or an `s3://`, `gs://`… URI."""
+    if "://" in uri:
+        try:
+            return pafs.FileSystem.from_uri(uri)
+        except (pa.ArrowInvalid, OSError) as e:
+            raise WildzooError(f"cannot open catalog {uri}: {e}") from None
+    import os
+
+    return pafs.LocalFileSystem(), os.path.abspath(uri)
+
+
+@dataclass
+class Catalog:
+    """A catalog location and its spec (token size, tokenization)."""
+
+    uri: str
+    spec: CatalogSpec
+    fs: pafs.FileSystem = field(repr=False, default=None)
+    root: str = ""
+
+    @classmethod
+    def open(cls, uri: str, spec: CatalogSpec | None = None, create: bool = False) -> Catalog:
+        """Open a catalog; with `create`, make it if missing. A given `spec` must match an existing one."""
+        fs, root = resolve(uri)
+        meta = f"{root}/catalog.json"
+        info = fs.get_file_info(meta)
+        if info.type == pafs.FileType.File:
+            with fs.open_input_stream(meta) as f:
+                try:
+                    existing = CatalogSpec.from_json(f.read().decode())
+                except (ValueError, TypeError) as e:
+                    raise WildzooError(f"{meta} is not a valid catalog description: {e}") from None
+            if spec is not None and spec != existing:
+                raise WildzooError(
+                    f"catalog {uri} was built with token size {existing.token_size} and {existing.tokenization} "
+                    f"tokenization; rerun with those settings or use a new catalog folder"
+                )
+            return cls(uri, existing, fs, root)
+        if not create:
+            if fs.get_file_info(root).type == pafs.FileType.NotFound:
+                raise WildzooError(f"catalog {uri} does not exist")
+            raise WildzooError(f"{uri} is not a wildzoo catalog (no catalog.json)")
+        spec = spec or CatalogSpec()
+        fs.create_dir(root, recursive=True)
+        for t in TABLES:
+            fs.create_dir(f"{root}/{t}", recursive=True)
+        _atomic_write(fs, meta, spec.to_json().encode())
+        return cls(uri, spec, fs, root)
+
+    def files(self, table: str) -> list[str]:
+        """Complete shard files of one table, sorted."""
+        sel = pafs.FileSelector(f"{self.root}/{table}", allow_not_found=True)
+        return sorted(
+            i.path
+            for i in self.fs.get_file_info(sel)
+            if i.type == pafs.FileType.File and i.base_name.endswith(".parquet") and not i.base_name.startswith((".", "_"))
+        )
+
+    def shard_ids(self, table: str) -> set[str]:
+        return {p.rsplit("/", 1)[1][: -len(".parquet")] for p in self.files(table)}
+
+    def done(self) -> dict[str, str]:
+        """{model_id: status} of every committed model."""
+        out: dict[str, str] = {}
+        for path in self.files("models"):
+            t = pq.read_table(path, columns=["model_id", "status"], filesystem=self.fs)
+            out.update(zip(t.column("model_id").to_pylist(), t.column("status").to_pylist(), strict=True))
+        return out
+
+    def clean(self) -> int:
+        """Remove temporary files and uncommitted shards left by a killed crawl; returns how many."""
+        committed = self.shard_ids("models")
+        removed = 0
+        for table in TABLES:
+            sel = pafs.FileSelector(f"{self.root}/{table}", allow_not_found=True)
+            for i in self.fs.get_file_info(sel):
+                stem = i.base_name[: -len(".parquet")] if i.base_name.endswith(".parquet") else None
+                if i.base_name.startswith(TMP_PREFIX) or (table != "models" and stem and stem not in committed):
+                    self.fs.delete_file(i.path)
+                    removed += 1
+        return removed
+
+    def new_shard(self) -> Shard:
+        return Shard(self)
+
+
+def _atomic_write(fs: pafs.FileSystem, path: str, data: bytes) -> None:
+    directory, name = path.rsplit("/", 1)
+    tmp = f"{directory}/{TMP_PREFIX}{uuid.uuid4().hex[:8]}-{name}"
+    with fs.open_output_stream(tmp) as f:
+        f.write(data)
+    fs.move(tmp, path)
+
+
+def _write_table(fs: pafs.FileSystem, path: str, table: pa.Table) -> None:
+    directory, name = path.rsplit("/", 1)
+    tmp = f"{directory}/{TMP_PREFIX}{name}"
+    with fs.open_output_stream(tmp) as f:
+        pq.write_table(table, f, compression="zstd")
+    fs.move(tmp, path)
+
+
+class Shard:
+    """Rows of several models, written as one shard per table. Tokens may be streamed to disk."""
+
+    def __init__(self, catalog: Catalog) -> None:
+        self.catalog = catalog
+        self.id = f"{time.strftime('%Y%m%dT%H%M%S')}-{uuid.uuid4().hex[:12]}"
+        self.rows: dict[str, list[dict]] = {"models": [], "tensors": [], "properties": []}
+        self.token_bytes = 0
+        self._tokens: list[pa.Table] = []
+        self._writer: pq.ParquetWriter | None = None
+        self._stream = None
+        self.t0 = time.time()
+
+    def _path(self, table: str, tmp: bool = False) -> str:
+        return f"{self.catalog.root}/{table}/{TMP_PREFIX if tmp else ''}{self.id}.parquet"
+
+    @property
+    def n_models(self) -> int:
+        return len(self.rows["models"])
+
+    def add(self, model: dict, tensors: list[dict], properties: list[dict], tokens: Iterable[pa.Table] = ()) -> None:
+        """Add one model whose tokens were buffered in memory (or none)."""
+        for t in tokens:
+            self._tokens.append(t)
+            self.token_bytes += t.nbytes
+        self.rows["models"].append(model)
+        self.rows["tensors"].extend(tensors)
+        self.rows["properties"].extend(properties)
+
+    def stream_tokens(self, tokens: Iterable[pa.Table]) -> None:
+        """Write token tables straight to this shard's temporary file (for models too big to buffer)."""
+        if self._writer is None:
+            self._stream = self.catalog.fs.open_output_stream(self._path("tokens", tmp=True))
+            schema = schema_for("tokens", self.catalog.spec)
+            self._writer = pq.ParquetWriter(self._stream, schema, compression="zstd")
+        for t in tokens:
+            self._writer.write_table(t)
+            self.token_bytes += t.nbytes
+
+    def abort(self) -> None:
+        """Drop everything written so far (a model failed half-way through streaming)."""
+        if self._writer is not None:
+            self._writer.close()
+            self._stream.close()
+            self.catalog.fs.delete_file(self._path("tokens", tmp=True))
+            self._writer = self._stream = None
+        self._tokens.clear()
+
+    def commit(self) -> dict:
+        """Write every table (models last) and return the shard's stats."""
+        cat, fs = self.catalog, self.catalog.fs
+        if self._writer is not None:
+            for t in self._tokens:
+                self._writer.write_table(t)
+            self._writer.close()
+            self._stream.close()
+            fs.move(self._path("tokens", tmp=True), self._path("tokens"))
+        elif self._tokens:
+            _write_table(fs, self._path("tokens"), pa.concat_tables(self._tokens))
+        for table in ("tensors", "properties", "models"):
+            schema = schema_for(table, cat.spec)
+            rows = self.rows[table]
+            if rows or table == "models":
+                _write_table(fs, self._path(table), pa.Table.from_pylist(rows, schema=schema))
+        statuses = [m["status"] for m in self.rows["models"]]
+        stats = {
+            "shard": self.id,
+            "models": len(statuses),
+            **{s: statuses.count(s) for s in sorted(set(statuses))},
+            "tensors": len(self.rows["tensors"]),
+            "tokens": sum(m.get("n_tokens") or 0 for m in self.rows["models"]),
+            "bytes": sum(m.get("total_bytes") or 0 for m in self.rows["models"]),
+            "seconds": round(time.time() - self.t0, 3),
+        }
+        fs.create_dir(f"{cat.root}/_stats", recursive=True)
+        _atomic_write(fs, f"{cat.root}/_stats/{self.id}.json", json.dumps(stats).encode())
+        return stats

@@ -1,0 +1,131 @@
+"""The crawl as a Ray Data pipeline: tasks → (skip done) → CrawlWorker actors → summary.
+
+Ray only schedules: every stage is a plain function or callable class over a `pyarrow.Table`.
+A local Ray is started on demand with explicit limits; with `RAY_ADDRESS` set the crawl attaches to
+that cluster instead.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+
+import pyarrow as pa
+
+from catalog.store import Catalog
+from crawl.tasks import dedupe, skip_done
+from crawl.worker import CrawlWorker
+
+log = logging.getLogger(__name__)
+PROJECT_ROOT = str(Path(__file__).resolve().parent.parent)
+
+
+def ensure_ray(num_cpus: int | None = None) -> bool:
+    """Start a local Ray (or attach to RAY_ADDRESS) unless one is up; True if this call started it."""
+    import ray
+
+    if ray.is_initialized():
+        return False
+    env = {"PYTHONPATH": os.pathsep.join(filter(None, [PROJECT_ROOT, os.environ.get("PYTHONPATH")]))}
+    for key in ("HF_ENDPOINT", "HF_HUB_DISABLE_TELEMETRY", "HF_HUB_OFFLINE"):
+        if key in os.environ:
+            env[key] = os.environ[key]
+    if os.environ.get("RAY_ADDRESS"):
+        ray.init(runtime_env={"env_vars": env}, log_to_driver=True)
+    else:
+        ray.init(
+            num_cpus=num_cpus or os.cpu_count() or 1,
+            include_dashboard=False,
+            runtime_env={"env_vars": env},
+            log_to_driver=True,
+            logging_level=logging.WARNING,
+        )
+    return True
+
+
+def crawl(
+    tasks: pa.Table,
+    catalog: Catalog,
+    options: dict | None = None,
+    workers: int | None = None,
+    batch_size: int = 8,
+    retry_errors: bool = False,
+    use_ray: bool = True,
+) -> dict:
+    """Crawl `tasks` into `catalog`; returns a summary (counts by status, failures with reasons)."""
+    t0 = time.time()
+    options = options or {}
+    removed = catalog.clean()
+    if removed:
+        log.info("removed %d leftover file(s) of an interrupted crawl", removed)
+    todo = skip_done(dedupe(tasks), catalog.done(), retry_errors)
+    skipped_done = tasks.num_rows - todo.num_rows
+    log.info("%d model(s) to crawl, %d already in the catalog", todo.num_rows, skipped_done)
+    results = []
+    if todo.num_rows and use_ray:
+        results = _run_ray(todo, catalog, options, workers, batch_size)
+    elif todo.num_rows:
+        worker = CrawlWorker(catalog.uri, options)
+        for s in range(0, todo.num_rows, batch_size):
+            results.append(worker(todo.slice(s, batch_size)))
+            _progress(sum(r.num_rows for r in results), todo.num_rows, t0)
+    rows = pa.concat_tables(results).to_pylist() if results else []
+    counts = Counter(r["status"] for r in rows)
+    return {
+        "catalog": catalog.uri,
+        "already_done": skipped_done,
+        "crawled": len(rows),
+        "by_status": dict(counts),
+        "tokens": sum(r["n_tokens"] or 0 for r in rows),
+        "bytes": sum(r["total_bytes"] or 0 for r in rows),
+        "failures": [(r["model_id"], r["status"], r["error"]) for r in rows if r["status"] in ("error", "skipped")],
+        "seconds": round(time.time() - t0, 2),
+    }
+
+
+def _run_ray(todo: pa.Table, catalog: Catalog, options: dict, workers: int | None, batch_size: int) -> list[pa.Table]:
+    import ray
+    from ray.data import ActorPoolStrategy, DataContext
+
+    started = ensure_ray()
+    try:
+        ctx = DataContext.get_current()
+        ctx.enable_progress_bars = sys.stderr.isatty()
+        n = workers or max(1, int(ray.available_resources().get("CPU", 1)))
+        n = max(1, min(n, -(-todo.num_rows // batch_size)))
+        t0 = time.time()
+        ds = ray.data.from_arrow(todo).map_batches(
+            CrawlWorker,
+            fn_constructor_kwargs={"catalog_uri": catalog.uri, "options": options},
+            batch_size=batch_size,
+            batch_format="pyarrow",
+            compute=ActorPoolStrategy(min_size=1, max_size=n),
+            num_cpus=1,
+        )
+        results, done = [], 0
+        for batch in ds.iter_batches(batch_format="pyarrow", batch_size=None):
+            results.append(batch)
+            done += batch.num_rows
+            _progress(done, todo.num_rows, t0)
+        return results
+    finally:
+        if started:
+            ray.shutdown()
+
+
+_last = [0.0]
+
+
+def _progress(done: int, total: int, t0: float) -> None:
+    """A progress line at most every 2 s (and at the end): done/total, rate, ETA."""
+    now = time.time()
+    if done < total and now - _last[0] < 2:
+        return
+    _last[0] = now
+    rate = done / max(now - t0, 1e-9)
+    eta = (total - done) / rate if rate > 0 else float("inf")
+    log.info("crawled %d/%d models (%.1f/s, ETA %.0fs)", done, total, rate, eta)

@@ -1,0 +1,130 @@
+"""The crawl stage that does the work: load each model of a batch of tasks, write its rows to shards.
+
+`CrawlWorker` is a plain callable over a `pyarrow.Table` of tasks (testable without Ray); Ray Data
+runs copies of it in parallel. It never raises for one bad model: the model becomes a `models` row
+with `status='error'` and the reason, and the batch goes on.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+import traceback
+
+import pyarrow as pa
+
+from catalog.errors import WildzooError
+from catalog.process import ModelRecords
+from catalog.schema import MODELS
+from catalog.store import Catalog, Shard
+
+log = logging.getLogger(__name__)
+
+BUFFER_BYTES = 256 << 20  # tokens buffered per shard before it is committed
+STREAM_BYTES = 128 << 20  # a model with more token bytes than this streams into a shard of its own
+
+SUMMARY = pa.schema(
+    [
+        ("model_id", pa.string()),
+        ("status", pa.string()),
+        ("error", pa.string()),
+        ("n_tensors", pa.int64()),
+        ("n_tokens", pa.int64()),
+        ("total_bytes", pa.int64()),
+    ]
+)
+
+
+def model_row(task: dict, **fields) -> dict:
+    """A complete `models` row: the task's identity, what the source told, what the crawl measured."""
+    row = dict.fromkeys(MODELS.names)
+    row.update({k: task.get(k) for k in ("model_id", "source", "repo_id", "revision", "path")})
+    row.update({k: v for k, v in fields.items() if k in row})
+    row["crawled_at"] = dt.datetime.now(dt.timezone.utc)
+    return row
+
+
+def load_task(task: dict, options: dict):
+    """Dispatch a task to its source's loader (imported lazily: each source has its own dependencies)."""
+    source = task["source"]
+    if source == "local":
+        from crawl import local
+
+        return local.load(task, allow_pickle=options.get("allow_pickle", False))
+    if source == "zoo":
+        from crawl import zoo
+
+        return zoo.load(task)
+    if source == "hub":
+        from crawl import hub
+
+        return hub.load(task, options)
+    raise WildzooError(f"unknown source {source!r}")
+
+
+class CrawlWorker:
+    """Callable over a batch of tasks; writes shards to the catalog and returns one summary row per model."""
+
+    def __init__(self, catalog_uri: str, options: dict | None = None) -> None:
+        self.catalog = Catalog.open(catalog_uri)
+        self.options = options or {}
+        self.header_only = bool(self.options.get("header_only", False))
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        summary = []
+        shard = self.catalog.new_shard()
+        for task in batch.to_pylist():
+            row = self._one(task, shard)
+            summary.append({k: row.get(k) for k in SUMMARY.names})
+            if shard.token_bytes > BUFFER_BYTES:
+                shard.commit()
+                shard = self.catalog.new_shard()
+        if shard.n_models:
+            shard.commit()
+        return pa.Table.from_pylist(summary, schema=SUMMARY)
+
+    def _one(self, task: dict, shard: Shard) -> dict:
+        try:
+            loaded = load_task(task, self.options)
+            if loaded.weights is None:
+                row = model_row(task, **loaded.model, status=loaded.status, error=loaded.error)
+                shard.add(row, [], loaded.properties)
+                return row
+            return self._records(task, loaded, shard)
+        except WildzooError as e:
+            reason = str(e)
+        except Exception as e:  # one model's unexpected failure must not stop the crawl
+            log.debug("model %s failed:\n%s", task["model_id"], traceback.format_exc())
+            reason = f"{type(e).__name__}: {e}"
+        row = model_row(task, status="error", error=reason[:2000])
+        shard.add(row, [], [])
+        return row
+
+    def _records(self, task: dict, loaded, shard: Shard) -> dict:
+        spec = self.catalog.spec
+        rec = ModelRecords(task["model_id"], loaded.weights, spec, header_only=self.header_only)
+        big = rec.n_tokens * spec.token_size * 4 > STREAM_BYTES
+        target = self.catalog.new_shard() if big else shard
+        if big:
+            try:
+                target.stream_tokens(rec.tokens())
+            except BaseException:
+                target.abort()
+                raise
+            tables = ()
+        else:
+            tables = rec.consume()
+        status = "header_only" if self.header_only else "ok"
+        fields = {
+            "n_params": rec.n_params,
+            "n_tensors": len(rec.tensor_rows),
+            "n_tokens": rec.n_tokens,
+            "total_bytes": getattr(loaded.weights, "total_bytes", None),
+            "content_hash": rec.content_hash,
+            "status": status,
+        }
+        row = model_row(task, **{**loaded.model, **fields})
+        target.add(row, rec.tensor_rows, loaded.properties, tables)
+        if big:
+            target.commit()
+        return row

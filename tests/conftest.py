@@ -1,0 +1,38 @@
+"""Shared fixtures: one Ray for the whole run (2 cores: start it once), model folders."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+
+
+@pytest.fixture(scope="session")
+def ray_session():
+    """A local Ray shared by all tests; shut down at the end only if this fixture started it."""
+    import ray
+
+    started = False
+    if not ray.is_initialized():
+        env = {"PYTHONPATH": os.pathsep.join([str(ROOT), str(ROOT / "tests"), os.environ.get("PYTHONPATH", "")])}
+        ray.init(num_cpus=4, include_dashboard=False, runtime_env={"env_vars": env}, logging_level="WARNING")
+        started = True
+    yield ray
+    if started:
+        ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def good_models(tmp_path_factory):
+    import modelfactory
+
+    root = tmp_path_factory.mktemp("good")
+    return root, modelfactory.good_zoo(root)
