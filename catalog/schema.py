@@ -39,6 +39,7 @@ MODELS = pa.schema(
         ("n_tokens", pa.int64()),
         ("total_bytes", pa.int64()),
         ("content_hash", pa.string()),
+        ("duplicate_of", pa.string()),  # a model with the same content hash, whose tokens stand for this one
         ("status", pa.string()),
         ("error", pa.string()),
         ("crawled_at", pa.timestamp("ms", tz="UTC")),

@@ -120,9 +120,10 @@ class CrawlWorker:
             "n_tensors": len(rec.tensor_rows),
             "n_tokens": rec.n_tokens,
             "total_bytes": getattr(loaded.weights, "total_bytes", None),
-            "content_hash": rec.content_hash,
             "status": status,
         }
+        if rec.content_hash is not None:  # else keep what the source knew (e.g. the Hub's file hashes)
+            fields["content_hash"] = rec.content_hash
         row = model_row(task, **{**loaded.model, **fields})
         target.add(row, rec.tensor_rows, loaded.properties, tables)
         if big:
