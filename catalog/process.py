@@ -93,6 +93,9 @@ class ModelRecords:
                 b = self.metas[p.bias_idx]
                 bias = cache.setdefault(p.bias_idx, to_float32(self.weights.stored(b), b.dtype))
             values = tk.tokenize(x, p.geometry, ts, bias)
+            del x, stored
+            if hasattr(self.weights, "release"):
+                self.weights.release(meta)
             row_idx, n_valid = tk.positions(p.geometry, ts, spec.tokenization)
             for s in range(0, p.n_tokens, TOKEN_SLICE):
                 e = min(s + TOKEN_SLICE, p.n_tokens)

@@ -176,6 +176,20 @@ class SafetensorsFile:
         flat = np.frombuffer(self._map, dtype=storage, count=count, offset=meta.offset)
         return flat if meta.dtype == "F4" else flat.reshape(meta.shape)
 
+    def release(self, meta: TensorMeta) -> None:
+        """Drop a tensor's pages from memory once it is processed (they are re-read if used again).
+
+        Without this, a model read through one memory map would count fully in the process's
+        resident memory by the end, instead of one tensor at a time.
+        """
+        if self._map is None or not hasattr(self._map, "madvise") or meta.nbytes == 0:
+            return
+        page = mmap.PAGESIZE
+        start = meta.offset // page * page
+        end = min(-(-(meta.offset + meta.nbytes) // page) * page, self.size)
+        if end > start:
+            self._map.madvise(mmap.MADV_DONTNEED, start, end - start)
+
     def close(self) -> None:
         self._map = None  # views keep the map alive until they are released
 
@@ -260,8 +274,14 @@ class SafetensorsModel:
     def total_bytes(self) -> int:
         return sum(f.size for f in self.files)
 
-    def stored(self, meta: TensorMeta) -> np.ndarray:
+    def _file(self, meta: TensorMeta) -> SafetensorsFile:
         for f in self.files:
             if f.path.name == meta.file:
-                return f.array(meta)
+                return f
         raise KeyError(meta.file)
+
+    def stored(self, meta: TensorMeta) -> np.ndarray:
+        return self._file(meta).array(meta)
+
+    def release(self, meta: TensorMeta) -> None:
+        self._file(meta).release(meta)
