@@ -1,0 +1,116 @@
+"""A lab zoo, crawled with `crawl zoo`, answers SQL over its properties; `train probe` scores the baselines."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+
+from catalog.query import connect
+from crawl.__main__ import cli as crawl_cli
+from train import probe
+from train.__main__ import cli as train_cli
+from zoo import generate
+
+
+@pytest.fixture(scope="module")
+def zoo_catalog(tmp_path_factory, ray_session):
+    root = tmp_path_factory.mktemp("labzoo")
+    zoo = root / "zoo"
+    generate(zoo, models=24, epochs=3, seed=1, workers=2, arch="cnn")
+    cat = root / "cat"
+    assert crawl_cli(["zoo", str(zoo), "--catalog", str(cat), "--tokenization", "row", "--token-size", "64"]) == 0
+    return zoo, cat
+
+
+def test_every_checkpoint_is_a_model_with_its_properties(zoo_catalog):
+    zoo, cat = zoo_catalog
+    con = connect(str(cat))
+    assert con.execute("SELECT count(*), count(DISTINCT repo_id) FROM models WHERE status = 'ok'").fetchone() == (96, 24)
+    trial = sorted(p for p in zoo.iterdir() if p.is_dir())[0]
+    lines = [json.loads(x) for x in (trial / "result.json").read_text().splitlines()]
+    params = json.loads((trial / "params.json").read_text())
+    for e, line in enumerate(lines):
+        mid = f"{zoo.name}/{trial.name}@epoch{e}"
+        props = dict(con.execute("SELECT name, coalesce(value, 0) FROM properties WHERE model_id = ? AND "
+                                 "text IS NULL", [mid]).fetchall())
+        assert props["test_acc"] == pytest.approx(line["test_acc"]) and props["epoch"] == e
+        if e == 0:  # -999: not measured; never a value
+            assert "train_acc" not in props and "ggap" not in props
+        else:
+            assert props["ggap"] == pytest.approx(line["train_acc"] - line["test_acc"])
+        texts = dict(con.execute("SELECT name, text FROM properties WHERE model_id = ? AND text IS NOT NULL",
+                                 [mid]).fetchall())
+        assert texts["model::nlin"] == params["model::nlin"] and props["optim::lr"] == params["optim::lr"]
+
+
+def test_sql_average_accuracy_by_activation_and_optimizer(zoo_catalog):
+    zoo, cat = zoo_catalog
+    rows = connect(str(cat)).execute(
+        """SELECT act.text AS activation, opt.text AS optimizer, avg(acc.value) AS mean_acc, count(*) AS n
+           FROM properties acc
+           JOIN properties act ON act.model_id = acc.model_id AND act.name = 'model::nlin'
+           JOIN properties opt ON opt.model_id = acc.model_id AND opt.name = 'optim::optimizer'
+           WHERE acc.name = 'test_acc' GROUP BY ALL ORDER BY ALL"""
+    ).fetchall()
+    expected: dict[tuple[str, str], list[float]] = {}
+    for trial in (p for p in zoo.iterdir() if p.is_dir()):
+        params = json.loads((trial / "params.json").read_text())
+        for line in (trial / "result.json").read_text().splitlines():
+            expected.setdefault((params["model::nlin"], params["optim::optimizer"]), []).append(
+                json.loads(line)["test_acc"])
+    assert {(a, o): (pytest.approx(m), n) for a, o, m, n in rows} == {
+        k: (pytest.approx(float(np.mean(v))), len(v)) for k, v in expected.items()}
+
+
+def test_probe_prints_every_property_and_method(zoo_catalog, capsys, tmp_path):
+    _, cat = zoo_catalog
+    assert train_cli(["probe", "--catalog", str(cat), "--format", "json", "--out", str(tmp_path)]) == 0
+    results = json.loads(capsys.readouterr().out)
+    got = {(r["property"], r["method"]) for r in results}
+    for prop in ("test_acc", "epoch", "ggap"):
+        for method in ("s(W) ridge", "s(W) ridge-robust", "s(W) trees", "W ridge"):
+            assert (prop, method) in got
+    assert all(math.isfinite(r["value"]) for r in results)
+    assert any(r["metric"] == "accuracy" and r["property"] == "model::nlin" for r in results)
+    assert (tmp_path / "probe_test_acc.png").stat().st_size > 10_000 and (tmp_path / "features_pca.png").exists()
+    assert train_cli(["probe", "--catalog", str(tmp_path / "missing")]) == 1
+
+
+def test_group_split_keeps_checkpoints_of_one_model_together():
+    groups = np.repeat(np.arange(40), 5)
+    s = probe.group_split(groups, seed=3)
+    sides = [set(groups[i]) for i in (s.train, s.val, s.test)]
+    assert not (sides[0] & sides[1] or sides[0] & sides[2] or sides[1] & sides[2])
+    assert (len(sides[0]), len(sides[1]), len(sides[2])) == (28, 6, 6)
+
+
+def test_ridge_picks_alpha_on_validation_and_robust_head_survives_outliers():
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((300, 5))
+    y = x @ np.array([1.0, -2.0, 0.5, 0.0, 0.0]) + 0.1 * rng.standard_normal(300)
+    s = probe.group_split(np.arange(300), seed=0)
+    r2, _, alpha = probe.ridge_probe(x, y, s)
+    assert r2 > 0.95 and alpha < 10
+    x_out = x.copy()
+    x_out[s.test[:3], 0] = 1e4  # three diverged models in the test split
+    bad, _, _ = probe.ridge_probe(x_out, y, s)
+    safe, _, _ = probe.ridge_probe(x_out, y, s, robust=True)
+    assert bad < 0 and safe > bad
+
+
+@pytest.mark.slow
+def test_statistics_baseline_clears_the_bar_on_the_digits_zoo(tmp_path, ray_session):
+    """Issue 4's bar: on a 200-model digits zoo, the best s(W) head reaches R² ≥ 0.9 on test accuracy."""
+    zoo = tmp_path / "zoo"
+    generate(zoo, models=200, epochs=5, seed=0, workers=2, arch="cnn")
+    cat = tmp_path / "cat"
+    assert crawl_cli(["zoo", str(zoo), "--catalog", str(cat)]) == 0
+    from catalog.store import Catalog
+    from train.evaluate import run_probe
+
+    results, _ = run_probe(Catalog.open(str(cat)))
+    best = max(r["value"] for r in results if r["property"] == "test_acc" and r["method"].startswith("s(W)"))
+    assert best >= 0.9

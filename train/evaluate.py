@@ -1,0 +1,149 @@
+"""`train probe`: property prediction for every feature set × head, with pictures.
+
+Feature sets: s(W) (per-layer statistics, the baseline), W (flattened weights, small models only) and,
+with a run, the backbone's embeddings. Each is scored on the same group split.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import numpy as np
+
+from catalog.errors import WildzooError
+from catalog.store import Catalog
+from train import probe
+from train.features import Population, load_population, stats_features, weight_features
+
+log = logging.getLogger(__name__)
+NUMERIC_TARGETS = ("test_acc", "epoch", "ggap")
+MAX_CLASSES = 12
+
+
+def categorical_targets(pop: Population) -> dict[str, np.ndarray]:
+    """Text properties worth classifying: 2…MAX_CLASSES classes, each seen at least 5 times."""
+    out = {}
+    for name, labels in pop.categorical.items():
+        present = labels[labels != None]  # noqa: E711 (object array)
+        values, counts = np.unique(present.astype(str), return_counts=True)
+        if 2 <= len(values) <= MAX_CLASSES and counts.min() >= 5 and len(present) == len(labels):
+            out[name] = labels.astype(str)
+    return out
+
+
+def feature_sets(cat: Catalog, pop: Population, embeddings: np.ndarray | None = None) -> dict[str, np.ndarray]:
+    sets = {"s(W)": stats_features(cat, pop.model_ids)}
+    w = weight_features(cat, pop.model_ids)
+    if w is not None:
+        sets["W"] = w
+    if embeddings is not None:
+        sets["backbone"] = embeddings
+    return sets
+
+
+def run_probe(cat: Catalog, seed: int = 0, embeddings: np.ndarray | None = None,
+              pop: Population | None = None) -> tuple[list[dict], dict]:
+    """Score every feature set and head; returns (results, predictions for plots)."""
+    pop = pop or load_population(cat)
+    if pop.dropped:
+        log.info("probing the %d models of the most common architecture (%d others left out)",
+                 len(pop.model_ids), pop.dropped)
+    targets = {k: pop.numeric[k] for k in NUMERIC_TARGETS if k in pop.numeric}
+    classes = categorical_targets(pop)
+    if not targets and not classes:
+        raise WildzooError("no properties to predict in this catalog (crawl a model zoo: python -m crawl zoo)")
+    split = probe.group_split(pop.groups, seed)
+    if min(len(split.train), len(split.val), len(split.test)) < 2:
+        raise WildzooError(f"too few trained models ({len(np.unique(pop.groups))}) for a 70/15/15 split")
+    sets = feature_sets(cat, pop, embeddings)
+    results, preds = [], {"true": {}, "pred": {}}
+    for name, y in targets.items():
+        ok = np.isfinite(y)
+        s = probe.Split(*(idx[ok[idx]] for idx in (split.train, split.val, split.test)))
+        if min(len(s.train), len(s.val), len(s.test)) < 2:
+            continue
+        preds["true"][name] = y[s.test]
+        for fname, x in sets.items():
+            heads = [("ridge", lambda x=x, y=y, s=s: probe.ridge_probe(x, y, s)[:2]),
+                     ("ridge-robust", lambda x=x, y=y, s=s: probe.ridge_probe(x, y, s, robust=True)[:2])]
+            if x.shape[1] <= 1000:
+                heads.append(("trees", lambda x=x, y=y, s=s: probe.trees_probe(x, y, s, seed)))
+            for head, fn in heads:
+                r2, pred = fn()
+                method = f"{fname} {head}"
+                results.append({"property": name, "method": method, "metric": "R2", "value": r2,
+                                "n_test": int(len(s.test))})
+                preds["pred"].setdefault(name, {})[method] = pred
+    for name, labels in classes.items():
+        for fname, x in sets.items():
+            for head in ("logistic", "trees"):
+                if head == "trees" and x.shape[1] > 1000:
+                    continue
+                acc = probe.classify_probe(x, labels, split, head, seed)
+                results.append({"property": name, "method": f"{fname} {head}", "metric": "accuracy",
+                                "value": acc, "n_test": int(len(split.test))})
+    preds["features"] = sets["s(W)"]
+    preds["color"] = pop.numeric.get("test_acc")
+    return results, preds
+
+
+def format_results(results: list[dict]) -> str:
+    """A property × method table."""
+    methods = list(dict.fromkeys(r["method"] for r in results))
+    props = list(dict.fromkeys((r["property"], r["metric"]) for r in results))
+    cell = {(r["property"], r["metric"], r["method"]): r["value"] for r in results}
+    width = max(12, *(len(m) for m in methods))
+    pw = max(10, *(len(p) for p, _ in props))
+    lines = [f"{'property':{pw}s} {'metric':8s} " + " ".join(f"{m:>{width}s}" for m in methods)]
+    for p, metric in props:
+        vals = [cell.get((p, metric, m)) for m in methods]
+        lines.append(f"{p:{pw}s} {metric:8s} " + " ".join(
+            f"{'-':>{width}s}" if v is None else f"{v:>{width}.3f}" for v in vals))
+    return "\n".join(lines)
+
+
+def save(results: list[dict], preds: dict, out: Path) -> list[Path]:
+    """probe.json and the pictures: predicted vs true test accuracy per method; a 2-D map of s(W)."""
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "probe.json").write_text(json.dumps(results, indent=1))
+    written = [out / "probe.json"]
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    if "test_acc" in preds["pred"]:
+        methods = preds["pred"]["test_acc"]
+        y = preds["true"]["test_acc"]
+        cols = min(3, len(methods))
+        rows = -(-len(methods) // cols)
+        fig, axes = plt.subplots(rows, cols, figsize=(4 * cols, 4 * rows), squeeze=False)
+        r2 = {r["method"]: r["value"] for r in results if r["property"] == "test_acc"}
+        for ax, (m, p) in zip(axes.flat, methods.items(), strict=False):
+            ax.scatter(y, p, s=6, alpha=0.5)
+            ax.plot([0, 1], [0, 1], "k--", lw=0.8)
+            ax.set(title=f"{m}  R²={r2[m]:.3f}", xlabel="true test accuracy", ylabel="predicted",
+                   xlim=(0, 1.02), ylim=(-0.1, 1.1))
+        for ax in list(axes.flat)[len(methods):]:
+            ax.axis("off")
+        fig.tight_layout()
+        fig.savefig(out / "probe_test_acc.png", dpi=90)
+        plt.close(fig)
+        written.append(out / "probe_test_acc.png")
+    x = probe.squash(preds["features"])
+    x = probe.Standardizer(x)(x)
+    u, sv, _ = np.linalg.svd(x - x.mean(0), full_matrices=False)
+    xy = u[:, :2] * sv[:2]
+    fig, ax = plt.subplots(figsize=(5.5, 4.5))
+    color = preds["color"]
+    sc = ax.scatter(xy[:, 0], xy[:, 1], c=color if color is not None else "C0", s=6, cmap="viridis")
+    if color is not None:
+        fig.colorbar(sc, label="test accuracy")
+    ax.set(title="s(W) features, first two principal components", xlabel="PC 1", ylabel="PC 2")
+    fig.tight_layout()
+    fig.savefig(out / "features_pca.png", dpi=90)
+    plt.close(fig)
+    written.append(out / "features_pca.png")
+    return written
