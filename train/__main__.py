@@ -41,7 +41,13 @@ def probe_command(args) -> int:
     cat = Catalog.open(args.catalog)
     if args.run:
         raise WildzooError("backbone embeddings are not available yet: probe the baselines without --run")
-    results, preds = run_probe(cat, seed=args.seed)
+    from catalog.query import connect
+    from train.features import load_population
+
+    n, ok, tokens = connect(cat, tables=("models",)).execute(
+        "SELECT count(*), count(*) FILTER (status = 'ok'), coalesce(sum(n_tokens), 0) FROM models").fetchone()
+    pop = load_population(cat)
+    results, preds = run_probe(cat, seed=args.seed, pop=pop)
     if args.out:
         out = Path(args.out)
     elif "://" in cat.uri:
@@ -54,6 +60,8 @@ def probe_command(args) -> int:
                   indent=1)
         print()
     else:
+        print(f"catalog {cat.uri}: {n} models ({ok} ok), {tokens:,} tokens; probed {len(pop.model_ids)} models "
+              f"from {len(set(pop.groups))} trained models, split 70/15/15 by trained model\n")
         print(format_results(results))
         print(f"\nsaved {', '.join(str(p) for p in written)}")
     return 0
