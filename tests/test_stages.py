@@ -1,0 +1,60 @@
+"""Crawl stages as plain functions over pyarrow Tables, without Ray; local enumeration rules."""
+
+from __future__ import annotations
+
+import os
+
+import pyarrow as pa
+
+from catalog.store import Catalog
+from crawl.local import find_models
+from crawl.tasks import dedupe, make_tasks, skip_done
+from crawl.worker import CrawlWorker
+
+import modelfactory
+
+
+def test_skip_done_and_dedupe():
+    t = make_tasks([{"model_id": m, "source": "local", "path": "/x"} for m in ("a", "b", "c", "a")])
+    assert dedupe(t).column("model_id").to_pylist() == ["a", "b", "c"]
+    left = skip_done(dedupe(t), {"a": "ok", "c": "error"})
+    assert left.column("model_id").to_pylist() == ["b"]
+    assert skip_done(dedupe(t), {"a": "ok", "c": "error"}, retry_errors=True).column("model_id").to_pylist() == ["b", "c"]
+
+
+def test_worker_on_a_three_row_table(tmp_path):
+    modelfactory.cnn(tmp_path / "m" / "cnn")
+    modelfactory.mlp(tmp_path / "m" / "mlp")
+    rows, _ = find_models([str(tmp_path / "m")])
+    rows.append({"model_id": "ghost", "source": "local", "path": str(tmp_path / "nowhere")})
+    cat = Catalog.open(str(tmp_path / "cat"), create=True)
+    out = CrawlWorker(cat.uri)(make_tasks(rows))
+    assert isinstance(out, pa.Table) and out.num_rows == 3
+    status = dict(zip(out.column("model_id").to_pylist(), out.column("status").to_pylist(), strict=True))
+    assert status == {"m/cnn": "ok", "m/mlp": "ok", "ghost": "error"}
+    assert cat.done() == status
+    assert len(cat.files("models")) == 1 and len(cat.files("tokens")) == 1
+
+
+def test_local_enumeration_folders_nesting_and_hf_cache(tmp_path):
+    modelfactory.cnn(tmp_path / "zoo" / "vision" / "cnn")
+    modelfactory.sharded(tmp_path / "zoo" / "gpt")
+    (tmp_path / "zoo" / "empty").mkdir()
+    cfg_only = tmp_path / "zoo" / "no-weights"
+    cfg_only.mkdir()
+    (cfg_only / "config.json").write_text('{"model_type": "bert"}')
+    snap = tmp_path / "cache" / "models--org--tiny" / "snapshots" / "0123abc"
+    blobs = tmp_path / "cache" / "models--org--tiny" / "blobs"
+    modelfactory.mlp(blobs / "x")
+    snap.mkdir(parents=True)
+    os.symlink(blobs / "x" / "model.safetensors", snap / "model.safetensors")
+    rows, warnings = find_models([str(tmp_path / "zoo"), str(tmp_path / "cache")])
+    ids = {r["model_id"]: r for r in rows}
+    assert set(ids) == {"zoo/vision/cnn", "zoo/gpt", "zoo/no-weights", "org/tiny@0123abc"}
+    assert ids["org/tiny@0123abc"]["repo_id"] == "org/tiny" and ids["org/tiny@0123abc"]["revision"] == "0123abc"
+    assert not warnings
+    cat = Catalog.open(str(tmp_path / "cat"), create=True)
+    out = CrawlWorker(cat.uri)(make_tasks(rows)).to_pylist()
+    by = {r["model_id"]: r for r in out}
+    assert by["org/tiny@0123abc"]["status"] == "ok" and by["zoo/gpt"]["status"] == "ok"
+    assert by["zoo/no-weights"]["status"] == "error" and "no weight files" in by["zoo/no-weights"]["error"]
