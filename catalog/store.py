@@ -24,8 +24,17 @@ from catalog.schema import TABLES, CatalogSpec, schema_for
 TMP_PREFIX = ".tmp-"
 
 
+_MOCK: dict[str, pafs.FileSystem] = {}
+
+
 def resolve(uri: str) -> tuple[pafs.FileSystem, str]:
-    """A pyarrow filesystem and path for a local folder or an `s3://`, `gs://`… URI."""
+    """A pyarrow filesystem and path for a local folder or an `s3://`, `gs://`… URI.
+
+    `mock://` (pyarrow's in-memory filesystem, one per process) stands in for object storage in tests.
+    """
+    if uri.startswith("mock://"):
+        fs = _MOCK.setdefault("mock", pafs.FileSystem.from_uri("mock://")[0])
+        return fs, uri[len("mock://") :].strip("/") or "catalog"
     if "://" in uri:
         try:
             return pafs.FileSystem.from_uri(uri)
@@ -109,6 +118,16 @@ class Catalog:
 
     def new_shard(self) -> Shard:
         return Shard(self)
+
+    def write_table(self, table: str, stem: str, data: pa.Table) -> str:
+        """Write `<table>/<stem>.parquet` whole and atomically (temporary name, then rename); returns its path.
+
+        For tables written outside crawls (`embeddings`): a rewrite replaces the file in one step.
+        """
+        self.fs.create_dir(f"{self.root}/{table}", recursive=True)
+        path = f"{self.root}/{table}/{stem}.parquet"
+        _write_table(self.fs, path, data.cast(schema_for(table, self.spec)))
+        return path
 
 
 def _atomic_write(fs: pafs.FileSystem, path: str, data: bytes) -> None:

@@ -58,3 +58,23 @@ def test_local_enumeration_folders_nesting_and_hf_cache(tmp_path):
     by = {r["model_id"]: r for r in out}
     assert by["org/tiny@0123abc"]["status"] == "ok" and by["zoo/gpt"]["status"] == "ok"
     assert by["zoo/no-weights"]["status"] == "error" and "no weight files" in by["zoo/no-weights"]["error"]
+
+
+def test_object_store_catalog_path(tmp_path):
+    """A non-local catalog (pyarrow's in-memory filesystem standing in for S3): written, read back by SQL."""
+    from catalog.query import connect
+    from catalog.reassemble import model_tensors
+    from crawl.pipeline import crawl
+
+    modelfactory.cnn(tmp_path / "m" / "cnn")
+    modelfactory.transformer(tmp_path / "m" / "bert")
+    rows, _ = find_models([str(tmp_path / "m")])
+    cat = Catalog.open("mock://bucket/wz", create=True)
+    summary = crawl(make_tasks(rows), cat, use_ray=False)
+    assert summary["by_status"] == {"ok": 2}
+    con = connect(Catalog.open("mock://bucket/wz"))
+    assert con.execute("SELECT count(*) FROM models WHERE status = 'ok'").fetchone()[0] == 2
+    n = con.execute("SELECT sum(n_tokens) FROM tensors WHERE model_id = 'm/cnn'").fetchone()[0]
+    assert con.execute("SELECT count(*) FROM tokens WHERE model_id = 'm/cnn'").fetchone()[0] == n > 0
+    assert "classifier.weight" in model_tensors("mock://bucket/wz", "m/cnn")
+    assert crawl(make_tasks(rows), cat, use_ray=False)["already_done"] == 2
