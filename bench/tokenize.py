@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import resource
 import subprocess
 import sys
 import tempfile
@@ -91,13 +90,19 @@ def make_model(folder: Path, size_mb: int, largest_mb: int) -> tuple[int, int]:
 def crawl_peak(size_mb: int, largest_mb: int) -> None:
     with tempfile.TemporaryDirectory(prefix="wildzoo-bench-") as tmp:
         size, largest = make_model(Path(tmp) / "big", size_mb, largest_mb)
-        cmd = [sys.executable, "-m", "crawl", "local", f"{tmp}/big", "--catalog", f"{tmp}/cat", "--no-ray"]
+        # The crawl runs in a fresh process that reports its own high-water mark (VmHWM): a fork of this
+        # big process would carry its memory into getrusage's ru_maxrss.
+        code = (
+            "import sys; from crawl.__main__ import cli; rc = cli(sys.argv[1:]); "
+            "print([l for l in open('/proc/self/status') if l.startswith('VmHWM')][0].split()[1]); sys.exit(rc)"
+        )
+        cmd = [sys.executable, "-c", code, "local", f"{tmp}/big", "--catalog", f"{tmp}/cat", "--no-ray"]
         t = time.perf_counter()
         r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(ROOT)})
         secs = time.perf_counter() - t
         if r.returncode != 0:
             sys.exit(f"crawl failed: {r.stderr[-2000:]}")
-        peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024
+        peak = int(r.stdout.strip().splitlines()[-1]) * 1024
         target = 3 * largest + 500e6
         print(f"\ncrawl of one {size / 1e9:.2f} GB model (largest tensor {largest / 1e6:.0f} MB): "
               f"{secs:.1f} s, {size / secs / 1e6:.0f} MB/s end to end (stats, tokens, zstd Parquet)")
