@@ -70,9 +70,10 @@ def crawl(
         results = _run_ray(todo, catalog, options, workers, batch_size)
     elif todo.num_rows:
         worker = CrawlWorker(catalog.uri, options)
+        progress = Progress(todo.num_rows)
         for s in range(0, todo.num_rows, batch_size):
             results.append(worker(todo.slice(s, batch_size)))
-            _progress(sum(r.num_rows for r in results), todo.num_rows, t0)
+            progress.update(results[-1])
     rows = pa.concat_tables(results).to_pylist() if results else []
     counts = Counter(r["status"] for r in rows)
     return {
@@ -98,7 +99,8 @@ def _run_ray(todo: pa.Table, catalog: Catalog, options: dict, workers: int | Non
         n = workers or max(1, int(ray.available_resources().get("CPU", 1)))
         n = max(1, min(n, -(-todo.num_rows // batch_size)))
         t0 = time.time()
-        ds = ray.data.from_arrow(todo).map_batches(
+        blocks = [todo.slice(s, batch_size) for s in range(0, todo.num_rows, batch_size)]  # one block per batch:
+        ds = ray.data.from_arrow(blocks).map_batches(  # a single block would all go to one worker
             CrawlWorker,
             fn_constructor_kwargs={"catalog_uri": catalog.uri, "options": options},
             batch_size=batch_size,
@@ -106,26 +108,36 @@ def _run_ray(todo: pa.Table, catalog: Catalog, options: dict, workers: int | Non
             compute=ActorPoolStrategy(min_size=1, max_size=n),
             num_cpus=1,
         )
-        results, done = [], 0
+        results, progress = [], Progress(todo.num_rows, t0)
         for batch in ds.iter_batches(batch_format="pyarrow", batch_size=None):
             results.append(batch)
-            done += batch.num_rows
-            _progress(done, todo.num_rows, t0)
+            progress.update(batch)
         return results
     finally:
         if started:
             ray.shutdown()
 
 
-_last = [0.0]
+class Progress:
+    """A progress line at most every 2 s (and at the end): models by status, bytes, rate, ETA."""
 
+    def __init__(self, total: int, t0: float | None = None, every_s: float = 2.0) -> None:
+        self.total, self.t0, self.every_s = total, t0 or time.time(), every_s
+        self.done, self.bytes, self.last = 0, 0, 0.0
+        self.statuses: Counter = Counter()
 
-def _progress(done: int, total: int, t0: float) -> None:
-    """A progress line at most every 2 s (and at the end): done/total, rate, ETA."""
-    now = time.time()
-    if done < total and now - _last[0] < 2:
-        return
-    _last[0] = now
-    rate = done / max(now - t0, 1e-9)
-    eta = (total - done) / rate if rate > 0 else float("inf")
-    log.info("crawled %d/%d models (%.1f/s, ETA %.0fs)", done, total, rate, eta)
+    def update(self, batch: pa.Table) -> None:
+        """Count a batch of summary rows (status, total_bytes) and log if it is time."""
+        self.done += batch.num_rows
+        self.statuses.update(batch.column("status").to_pylist())
+        self.bytes += sum(b or 0 for b in batch.column("total_bytes").to_pylist())
+        now = time.time()
+        if self.done < self.total and now - self.last < self.every_s:
+            return
+        self.last = now
+        elapsed = max(now - self.t0, 1e-9)
+        rate = self.done / elapsed
+        eta = (self.total - self.done) / rate if rate > 0 else float("inf")
+        by = ", ".join(f"{k} {v}" for k, v in sorted(self.statuses.items()))
+        log.info("crawled %d/%d models (%s), %.1f MB, %.1f models/s, %.1f MB/s, ETA %.0fs", self.done, self.total,
+                 by, self.bytes / 1e6, rate, self.bytes / 1e6 / elapsed, eta)

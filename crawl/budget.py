@@ -1,0 +1,192 @@
+"""State that every worker of one Hub crawl shares: the request budget, download slots, content hashes.
+
+`Coordinator` is a plain class (testable without Ray). A crawl on Ray runs one copy of it as a named
+actor that every worker reaches by name; with `--no-ray` it lives in the process. Callers never block
+inside it: `reserve` answers how long to wait, and the caller sleeps.
+
+- Request budget: one token bucket per kind of request (`api`, `resolve`) holding the number allowed per
+  window (the Hub counts per 5 minutes), refilled continuously. A 429 pauses every worker for that kind.
+- Download slots: at most `max_downloads` weight downloads in flight across all workers.
+- Content hashes: the first model to claim a hash is tokenized; a later one with the same hash is a
+  duplicate of it.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from dataclasses import dataclass, field
+
+WINDOW_S = 300.0  # the Hub's rate-limit window
+KINDS = ("api", "resolve")
+LEASE_S = 1800.0  # a download slot whose holder vanished (killed worker) is freed after this long
+NAMESPACE = "wildzoo"
+
+
+@dataclass
+class TokenBucket:
+    """`capacity` requests per `window_s`, refilled continuously; tokens may go negative (reservations)."""
+
+    capacity: float
+    window_s: float = WINDOW_S
+    tokens: float = field(default=-1.0)
+    stamp: float = field(default_factory=time.monotonic)
+
+    def __post_init__(self) -> None:
+        if self.capacity <= 0:
+            raise ValueError("a request budget must allow at least one request per window")
+        if self.tokens < 0:
+            self.tokens = float(self.capacity)
+
+    @property
+    def rate(self) -> float:
+        return self.capacity / self.window_s
+
+    def reserve(self, now: float) -> float:
+        """Take one token; returns the seconds until it is actually available (0 if now)."""
+        self.tokens = min(self.capacity, self.tokens + (now - self.stamp) * self.rate)
+        self.stamp = now
+        self.tokens -= 1
+        return 0.0 if self.tokens >= 0 else -self.tokens / self.rate
+
+
+class Coordinator:
+    """Budget, download slots and the content-hash registry of one crawl (see the module docstring)."""
+
+    def __init__(self, per_window: dict[str, int], max_downloads: int = 4, window_s: float = WINDOW_S) -> None:
+        self.buckets = {k: TokenBucket(float(per_window[k]), window_s) for k in KINDS}
+        self.paused_until = dict.fromkeys(KINDS, 0.0)
+        self.max_downloads = max(1, int(max_downloads))
+        self.slots: dict[str, float] = {}
+        self.hashes: dict[str, str] = {}
+        self.counts = dict.fromkeys(KINDS, 0)
+        self.waited_s = 0.0
+        self.rate_limited = 0
+        self.bytes_downloaded = 0
+        self._lock = threading.Lock()
+
+    def reserve(self, kind: str) -> float:
+        """Count one request of `kind`; returns how many seconds the caller must wait before sending it."""
+        with self._lock:
+            now = time.monotonic()
+            wait = max(self.buckets[kind].reserve(now), self.paused_until[kind] - now)
+            self.counts[kind] += 1
+            self.waited_s += max(0.0, wait)
+            return max(0.0, wait)
+
+    def pause(self, kind: str, seconds: float) -> None:
+        """The Hub answered 429: hold every request of `kind` for `seconds`."""
+        with self._lock:
+            self.rate_limited += 1
+            self.paused_until[kind] = max(self.paused_until[kind], time.monotonic() + seconds)
+
+    def acquire_download(self, holder: str) -> bool:
+        """Take a download slot for `holder` if one is free (or already held)."""
+        with self._lock:
+            now = time.monotonic()
+            self.slots = {h: t for h, t in self.slots.items() if now - t < LEASE_S}
+            if holder in self.slots or len(self.slots) < self.max_downloads:
+                self.slots[holder] = now
+                return True
+            return False
+
+    def release_download(self, holder: str) -> None:
+        with self._lock:
+            self.slots.pop(holder, None)
+
+    def add_bytes(self, nbytes: int) -> None:
+        """Count body bytes received from the Hub (for the summary)."""
+        with self._lock:
+            self.bytes_downloaded += int(nbytes)
+
+    def claim(self, content_hash: str, model_id: str) -> str | None:
+        """Register `model_id` as the holder of `content_hash`; returns the earlier holder if there is one."""
+        with self._lock:
+            owner = self.hashes.setdefault(content_hash, model_id)
+            return None if owner == model_id else owner
+
+    def unclaim(self, content_hash: str, model_id: str) -> None:
+        """Forget a claim whose model failed, so a later copy of the same weights is crawled instead."""
+        with self._lock:
+            if self.hashes.get(content_hash) == model_id:
+                del self.hashes[content_hash]
+
+    def seed(self, claims: dict[str, str]) -> int:
+        """Claims of models already in the catalog (content hash -> model_id); returns how many are known."""
+        with self._lock:
+            for h, m in claims.items():
+                self.hashes.setdefault(h, m)
+            return len(self.hashes)
+
+    def stats(self) -> dict:
+        with self._lock:
+            return {
+                "requests": dict(self.counts),
+                "rate_limited": self.rate_limited,
+                "waited_s": round(self.waited_s, 2),
+                "bytes_downloaded": self.bytes_downloaded,
+            }
+
+
+class Handle:
+    """Synchronous access to a Coordinator, in this process or as a Ray actor."""
+
+    def __init__(self, target, remote: bool) -> None:
+        self._target, self._remote = target, remote
+
+    def __getattr__(self, name: str):
+        method = getattr(self._target, name)
+        if not self._remote:
+            return method
+
+        def call(*args, **kwargs):
+            import ray
+
+            return ray.get(method.remote(*args, **kwargs))
+
+        return call
+
+
+_LOCAL: dict[str, Coordinator] = {}
+_HANDLES: dict[str, Handle] = {}
+
+
+def start(name: str, per_window: dict[str, int], max_downloads: int, use_ray: bool) -> Handle:
+    """Create the crawl's coordinator: a named Ray actor (Ray must be initialized) or an in-process one."""
+    if use_ray:
+        import ray
+
+        actor_cls = ray.remote(num_cpus=0, max_concurrency=64)(Coordinator)
+        actor = actor_cls.options(name=name, namespace=NAMESPACE, get_if_exists=True).remote(
+            per_window, max_downloads
+        )
+        handle = Handle(actor, remote=True)
+    else:
+        _LOCAL[name] = Coordinator(per_window, max_downloads)
+        handle = Handle(_LOCAL[name], remote=False)
+    _HANDLES[name] = handle
+    return handle
+
+
+def connect(name: str) -> Handle:
+    """The coordinator called `name`: in this process if it lives here, else the Ray actor."""
+    if name not in _HANDLES:
+        if name in _LOCAL:
+            _HANDLES[name] = Handle(_LOCAL[name], remote=False)
+        else:
+            import ray
+
+            _HANDLES[name] = Handle(ray.get_actor(name, namespace=NAMESPACE), remote=True)
+    return _HANDLES[name]
+
+
+def stop(name: str) -> None:
+    """Forget (and, on Ray, end) the coordinator called `name`."""
+    handle = _HANDLES.pop(name, None)
+    if _LOCAL.pop(name, None) is None and handle is not None:
+        import ray
+
+        try:
+            ray.kill(handle._target)
+        except Exception:  # the actor is gone already (Ray shut down)
+            pass
