@@ -2,7 +2,8 @@
 
 Local catalogs are read with DuckDB's own Parquet reader; object-store catalogs through a pyarrow
 dataset that DuckDB scans directly (DuckDB's httpfs needs the internet to install). A table with no
-shard yet is an empty view with the right columns, so queries work on a fresh catalog.
+shard yet is an empty view with the right columns, so queries work on a fresh catalog; `embeddings`
+(written by `train embed`, not by crawls) is such a view until a backbone has embedded the catalog.
 """
 
 from __future__ import annotations
@@ -28,18 +29,15 @@ def connect(catalog: Catalog | str, tables: tuple[str, ...] = TABLES + OPTIONAL_
     local = isinstance(cat.fs, pafs.LocalFileSystem)
     for table in tables:
         files = cat.files(table)
-        known = table in TABLES
         if not files:
-            if known:
-                empty = schema_for(table, cat.spec).empty_table()
-                con.register(f"_{table}_empty", empty)
-                con.execute(f"CREATE VIEW {table} AS SELECT * FROM _{table}_empty")
+            empty = schema_for(table, cat.spec).empty_table()
+            con.register(f"_{table}_empty", empty)
+            con.execute(f"CREATE VIEW {table} AS SELECT * FROM _{table}_empty")
             continue
         if local:
             listing = ", ".join(_sql_str(f) for f in files)
             con.execute(f"CREATE VIEW {table} AS SELECT * FROM read_parquet([{listing}], union_by_name = true)")
         else:
-            schema = schema_for(table, cat.spec) if known else None
-            dataset = ds.dataset(files, schema=schema, format="parquet", filesystem=cat.fs)
+            dataset = ds.dataset(files, schema=schema_for(table, cat.spec), format="parquet", filesystem=cat.fs)
             con.register(table, dataset)
     return con

@@ -105,6 +105,19 @@ PROPERTIES = pa.schema(
 )
 
 
+# Written by `train embed` (not by crawls): one shard per backbone run, `embeddings/<run>.parquet`,
+# rewritten whole when the run embeds the catalog again, so it holds one row per ok model and run.
+EMBEDDINGS = pa.schema(
+    [
+        ("model_id", pa.string()),
+        ("run", pa.string()),  # the run's id (RUN/config.json `run_id`)
+        ("embedding", pa.list_(pa.float32())),  # mean of the model's token latents
+        ("epoch", pa.int32()),  # epochs the backbone had trained when it embedded
+        ("created_at", pa.timestamp("ms", tz="UTC")),
+    ]
+)
+
+
 @dataclass(frozen=True)
 class CatalogSpec:
     """What every shard of one catalog agrees on; stored as `catalog.json` at the catalog root."""
@@ -142,4 +155,6 @@ def schema_for(table: str, spec: CatalogSpec) -> pa.Schema:
         return tokens_schema(spec.token_size, spec.token_dtype)
     if table == "properties":
         return PROPERTIES
+    if table == "embeddings":
+        return EMBEDDINGS
     raise KeyError(table)

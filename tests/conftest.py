@@ -31,6 +31,22 @@ def ray_session():
 
 
 @pytest.fixture(scope="session")
+def zoo_catalog(tmp_path_factory, ray_session):
+    """A lab zoo (24 CNNs × 4 checkpoints on digits) crawled into a catalog (row tokens of 64): (zoo, catalog).
+
+    Session-scoped: the zoo and catalog tests and the trainer tests share it (about a minute to build)."""
+    from crawl.__main__ import cli as crawl_cli
+    from zoo import generate
+
+    root = tmp_path_factory.mktemp("labzoo")
+    zoo = root / "zoo"
+    generate(zoo, models=24, epochs=3, seed=1, workers=2, arch="cnn")
+    cat = root / "cat"
+    assert crawl_cli(["zoo", str(zoo), "--catalog", str(cat), "--tokenization", "row", "--token-size", "64"]) == 0
+    return zoo, cat
+
+
+@pytest.fixture(scope="session")
 def good_models(tmp_path_factory):
     import modelfactory
 

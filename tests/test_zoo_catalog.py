@@ -1,4 +1,6 @@
-"""A lab zoo, crawled with `crawl zoo`, answers SQL over its properties; `train probe` scores the baselines."""
+"""A lab zoo, crawled with `crawl zoo`, answers SQL over its properties; `train probe` scores the baselines.
+
+The `zoo_catalog` fixture (conftest.py) is shared with the trainer tests."""
 
 from __future__ import annotations
 
@@ -13,16 +15,6 @@ from crawl.__main__ import cli as crawl_cli
 from train import probe
 from train.__main__ import cli as train_cli
 from zoo import generate
-
-
-@pytest.fixture(scope="module")
-def zoo_catalog(tmp_path_factory, ray_session):
-    root = tmp_path_factory.mktemp("labzoo")
-    zoo = root / "zoo"
-    generate(zoo, models=24, epochs=3, seed=1, workers=2, arch="cnn")
-    cat = root / "cat"
-    assert crawl_cli(["zoo", str(zoo), "--catalog", str(cat), "--tokenization", "row", "--token-size", "64"]) == 0
-    return zoo, cat
 
 
 def test_every_checkpoint_is_a_model_with_its_properties(zoo_catalog):

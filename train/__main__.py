@@ -1,4 +1,9 @@
-"""`python -m train probe|...`: what is learned from a catalog (see `--help`)."""
+"""`python -m train fit|embed|probe`: what is learned from a catalog (see `--help`).
+
+    python -m train fit --catalog CAT --out RUN [--workers N] [--gpus-per-worker G] [--config FILE] [--epochs E] [--debug]
+    python -m train embed --run RUN --catalog CAT
+    python -m train probe --catalog CAT [--run RUN] [--format table|json]
+"""
 
 from __future__ import annotations
 
@@ -19,6 +24,34 @@ def build_parser() -> Parser:
     parser = Parser(prog="python -m train", description="Train, evaluate and use weight-space backbones.")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=Parser)
     p = sub.add_parser(
+        "fit",
+        help="train the backbone (Ray Train, data-parallel); rerun the same command to resume",
+        description="Train the weight-space backbone (transformer encoder -> token latents -> decoder; NT-Xent "
+        "+ masked reconstruction) on windows of the catalog's tokens with Ray Train: DDP over --workers (gloo "
+        "on CPUs, NCCL on GPUs), a checkpoint every epoch under RUN/fit. Rerunning the same command resumes "
+        "from the last checkpoint (with more --epochs, trains the missing ones). Models the probe validates and "
+        "tests on are held out. Writes RUN/backbone.pt and RUN/config.json.",
+    )
+    p.add_argument("--catalog", required=True, help="catalog folder or s3://bucket/prefix")
+    p.add_argument("--out", required=True, metavar="RUN", help="run folder (or s3://…) for checkpoints and the model")
+    p.add_argument("--config", metavar="FILE", help="TOML or JSON settings over the defaults (see train/config.py)")
+    p.add_argument("--debug", action="store_true", help="the debug flavour: a tiny backbone, 2 epochs, seconds on a CPU")
+    p.add_argument("--epochs", type=int, help="epochs in all (a rerun with more continues the run)")
+    p.add_argument("--workers", type=int, help="Ray Train workers (default 1)")
+    p.add_argument("--gpus-per-worker", type=float, help="GPUs per worker (default 0: CPU, gloo)")
+    p.add_argument("--cpus-per-worker", type=int, help="CPUs (threads) per worker (default 1)")
+    p.add_argument("-v", "--verbose", action="store_true")
+    p = sub.add_parser(
+        "embed",
+        help="embed every ok model of a catalog with a run's backbone",
+        description="Embed every ok model of the catalog (mean of its token latents) with the backbone of RUN "
+        "and write the catalog's embeddings/ table (model_id, run, embedding), replacing the run's older rows.",
+    )
+    p.add_argument("--run", required=True, help="a run folder of `train fit`")
+    p.add_argument("--catalog", required=True)
+    p.add_argument("--batch-size", type=int, default=256, help="windows per forward pass (default 256)")
+    p.add_argument("-v", "--verbose", action="store_true")
+    p = sub.add_parser(
         "probe",
         help="predict model properties (R² per property and method)",
         description="Predict properties (test accuracy, epoch, generalization gap, hyperparameters) from "
@@ -27,7 +60,8 @@ def build_parser() -> Parser:
         "and flattened weights W.",
     )
     p.add_argument("--catalog", required=True)
-    p.add_argument("--run", help="a trained backbone run: adds its embeddings as a feature set")
+    p.add_argument("--run", help="a trained backbone run: adds its embeddings as a feature set (embedding the "
+                   "catalog first if it has none by this run)")
     p.add_argument("--format", choices=["table", "json"], default="table")
     p.add_argument("--out", help="folder for probe.json and pictures (default: CATALOG/_reports/probe)")
     p.add_argument("--seed", type=int, default=0, help="seed of the split")
@@ -39,15 +73,23 @@ def probe_command(args) -> int:
     from train.evaluate import format_results, run_probe, save
 
     cat = Catalog.open(args.catalog)
-    if args.run:
-        raise WildzooError("backbone embeddings are not available yet: probe the baselines without --run")
     from catalog.query import connect
     from train.features import load_population
 
     n, ok, tokens = connect(cat, tables=("models",)).execute(
         "SELECT count(*), count(*) FILTER (status = 'ok'), coalesce(sum(n_tokens), 0) FROM models").fetchone()
     pop = load_population(cat)
-    results, preds = run_probe(cat, seed=args.seed, pop=pop)
+    embeddings = None
+    if args.run:
+        from train.embed import run_embeddings
+        from train.run import RunDir
+
+        split = RunDir.at(args.run).meta().get("split", {})
+        if split.get("holdout") and split.get("seed") != args.seed:
+            log.warning("the backbone held out the probe split of seed %s, not %s: its test models may have "
+                        "been trained on", split.get("seed"), args.seed)
+        embeddings = run_embeddings(cat, args.run, pop.model_ids)
+    results, preds = run_probe(cat, seed=args.seed, pop=pop, embeddings=embeddings)
     if args.out:
         out = Path(args.out)
     elif "://" in cat.uri:
@@ -67,9 +109,58 @@ def probe_command(args) -> int:
     return 0
 
 
+def fit_command(args) -> int:
+    from train.config import TrainConfig
+    from train.fit import fit
+
+    cfg = TrainConfig.debug() if args.debug else TrainConfig()
+    if args.config:
+        cfg = TrainConfig.from_file(args.config, base=cfg)
+    flags = {"epochs": args.epochs, "workers": args.workers, "gpus_per_worker": args.gpus_per_worker,
+             "cpus_per_worker": args.cpus_per_worker}
+    try:
+        cfg = cfg.replace(**{k: v for k, v in flags.items() if v is not None})
+    except ValueError as e:
+        raise WildzooError(str(e)) from None
+    s = fit(args.catalog, args.out, cfg)
+    h = s["history"]
+    trained = s["epochs"] - s["start_epoch"]
+    if trained:
+        what = f"trained epochs {s['start_epoch'] + 1}..{s['epochs']}" + (
+            f" (resumed after epoch {s['start_epoch']})" if s["start_epoch"] else "")
+    else:
+        what = f"nothing to train: already at {s['epochs']} epoch(s)"
+    val = f", val {h[0]['val_loss']:.4f} -> {h[-1]['val_loss']:.4f}" if h and "val_loss" in h[-1] else ""
+    print(f"fit {s['run_id']}: {what} on {s['workers']} worker(s) in {s['seconds']:.0f}s; "
+          f"{s['n_params']:,} parameters; {s['split']['train_models']} models trained on, "
+          f"{s['split']['held_out_models']} held out")
+    if h:
+        shown = h if len(h) <= 12 else [h[round(i * (len(h) - 1) / 11)] for i in range(12)]
+        curve = " ".join(f"{int(e['epoch'])}:{e['loss']:.4f}" for e in shown)
+        print(f"loss by epoch: {curve}{val}")
+    print(f"saved {s['run'].rstrip('/')}/backbone.pt and config.json; next: python -m train embed --run {s['run']} "
+          f"--catalog {args.catalog}")
+    return 0
+
+
+def embed_command(args) -> int:
+    from train.embed import embed
+
+    if args.batch_size < 1:
+        raise WildzooError("--batch-size must be >= 1")
+    s = embed(args.catalog, args.run, batch_size=args.batch_size)
+    print(f"embedded {s['models']} models with run {s['run_id']} (epoch {s['epoch']}, {s['dim']}-d) in "
+          f"{s['seconds']:.1f}s -> {s['path']}")
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     setup_logging(getattr(args, "verbose", False))
+    if args.command == "fit":
+        return fit_command(args)
+    if args.command == "embed":
+        return embed_command(args)
     if args.command == "probe":
         return probe_command(args)
     raise WildzooError(f"unknown command {args.command}")

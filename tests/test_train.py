@@ -1,0 +1,266 @@
+"""The backbone trainer: model, losses, config, windows, a Ray Train fit on 2 CPU workers, resume, embed, probe.
+
+The debug fits run on the shared lab-zoo catalog (conftest `zoo_catalog`). A 1-worker debug fit with a
+fixed seed is compared with the reference loss curve in tests/assets/; after a deliberate change to
+the model, losses or data, regenerate it with `WILDZOO_UPDATE_REFERENCE=1 pytest tests/test_train.py -k reference`.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from catalog.errors import WildzooError
+from catalog.query import connect
+from catalog.reassemble import model_tensors
+from catalog.store import Catalog
+from train.__main__ import cli as train_cli
+from train.config import TrainConfig
+from train.data import WindowStream, list_models, read_tokens, split_models
+from train.losses import LossConfig, backbone_loss, masked_mse, nt_xent
+from train.model import Backbone, ModelConfig, token_mask
+
+REFERENCE = Path(__file__).parent / "assets" / "debug_loss_curve.json"
+
+
+def _batch(cfg: ModelConfig, B: int = 3, seed: int = 0) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    T, S = cfg.window, cfg.token_size
+    n_valid = torch.randint(1, S + 1, (B, T), generator=g)
+    n_valid[0, T - 5:] = 0  # the first window runs past the end of its model
+    return {"values": torch.randn(B, T, S, generator=g), "stats": torch.randn(B, T, 2, generator=g), "n_valid": n_valid,
+            "n": torch.arange(T).repeat(B, 1) + 1000, "l": torch.randint(0, 6, (B, T), generator=g),
+            "k": torch.randint(0, 40, (B, T), generator=g), "role": torch.randint(0, cfg.n_roles, (B, T), generator=g)}
+
+
+# ---------------------------------------------------------------- model, losses, config (no Ray)
+
+def test_model_shapes_and_embedding_ignores_padding():
+    cfg = ModelConfig.debug(token_size=24)
+    torch.manual_seed(0)
+    model = Backbone(cfg).eval()
+    batch = _batch(cfg)
+    recon, latent, proj = model(batch)
+    assert recon.shape == (3, cfg.window, 24 + 2) and latent.shape == (3, cfg.window, cfg.d_latent)
+    assert proj.shape == (3, cfg.proj_dim) and model.embed(batch).shape == (3, cfg.d_latent)
+    # garbage in padded entries and padded tokens, and other positions for padded tokens: same embedding
+    noisy = {k: v.clone() for k, v in batch.items()}
+    pad = torch.arange(24) >= noisy["n_valid"][..., None]
+    noisy["values"][pad] = 1e3
+    noisy["stats"][0, -5:] = 1e3
+    noisy["l"][0, -5:] = 99
+    torch.testing.assert_close(model.embed(noisy), model.embed(batch))
+    # a real entry does matter; positions far beyond anything seen stay finite (sinusoids, no tables)
+    changed = {**batch, "values": batch["values"] + (~pad) * 0.5}
+    assert not torch.allclose(model.embed(changed), model.embed(batch))
+    scaled = {**batch, "stats": batch["stats"] + 1.0}  # the same standardized weights at another scale
+    assert not torch.allclose(model.embed(scaled), model.embed(batch))
+    assert torch.isfinite(model.embed({**batch, "n": batch["n"] * 10_000})).all()
+
+
+def test_nt_xent_of_identical_views_is_lower_than_of_shuffled_ones():
+    z = torch.randn(16, 8, generator=torch.Generator().manual_seed(1))
+    same = nt_xent(z, z + 0.01 * torch.randn(16, 8))
+    shuffled = nt_xent(z, z[torch.randperm(16, generator=torch.Generator().manual_seed(2))])
+    assert same < shuffled and same < math.log(31)
+
+
+def test_masked_mse_ignores_padding_in_every_normalization():
+    g = torch.Generator().manual_seed(0)
+    target = torch.randn(2, 5, 6, generator=g)
+    n_valid = torch.tensor([[6, 6, 3, 0, 0], [6, 2, 6, 6, 1]])
+    layer = torch.tensor([[0, 0, 1, 1, 1], [2, 2, 2, 3, 3]])
+    real = token_mask(n_valid, 4, 2)  # 4 values and 2 statistics per token
+    assert real.sum() == n_valid.clamp(max=4).sum() + 2 * (n_valid > 0).sum()
+    pred = target + 0.1 * torch.randn(2, 5, 6, generator=g)
+    for norm in ("none", "layer", "batch"):
+        base = masked_mse(pred, target, real, layer, norm)
+        garbage = torch.where(real, pred, torch.full_like(pred, 1e4))
+        torch.testing.assert_close(masked_mse(garbage, target, real, layer, norm), base)
+        assert base > 0 and masked_mse(target, target, real, layer, norm) == 0
+    expected = ((pred - target) ** 2)[real].mean()
+    torch.testing.assert_close(masked_mse(pred, target, real), expected)
+
+
+def test_backbone_loss_backpropagates():
+    cfg = ModelConfig.debug(token_size=24)
+    model = Backbone(cfg)
+    out = backbone_loss(model, _batch(cfg, B=4), LossConfig())
+    out["loss"].backward()
+    assert torch.isclose(out["loss"], 0.05 * out["ntx"] + 0.95 * out["mse"])
+    assert all(p.grad is not None for p in model.encoder.parameters())
+
+
+def test_one_cycle_schedule_warms_up_then_anneals():
+    from train.fit import lr_factor
+
+    f = [lr_factor(s, total=100, warmup=0.3, schedule="onecycle") for s in range(101)]
+    assert f[0] == pytest.approx(1 / 25) and f[30] == pytest.approx(1.0) and f[100] == pytest.approx(1e-4)
+    assert all(a <= b for a, b in zip(f[:30], f[1:31], strict=True))
+    assert all(a >= b for a, b in zip(f[30:-1], f[31:], strict=True))
+    assert lr_factor(7, total=100, warmup=0.3, schedule="constant") == 1.0
+
+
+def test_config_file_round_trip_and_clear_errors(tmp_path):
+    cfg = TrainConfig.debug().replace(epochs=7, lr=2e-4, loss_norm="layer")
+    (tmp_path / "c.json").write_text(cfg.to_json())
+    assert TrainConfig.from_file(tmp_path / "c.json") == cfg
+    (tmp_path / "c.toml").write_text('epochs = 3\nlr = 1e-3\ngrad_clip = 0\n[model]\nd_model = 64\nwindow = 8\n')
+    toml = TrainConfig.from_file(tmp_path / "c.toml", base=TrainConfig.debug())
+    assert (toml.epochs, toml.lr, toml.grad_clip, toml.model.d_model, toml.model.window) == (3, 1e-3, 0.0, 64, 8)
+    assert toml.model.n_layers == ModelConfig.debug().n_layers and TrainConfig().grad_clip == 1.0
+    bad = {"c1.toml": ("lrr = 1\n", "unknown key 'lrr'"), "c2.toml": ("[model]\nwidth = 3\n", "model: unknown key 'width'"),
+           "c3.json": ('{"epochs": "ten"}', "epochs must be int"), "c4.toml": ("epochs = 0\n", "epochs must be >= 1"),
+           "c5.toml": ("[model]\nd_model = 30\n", "multiple of 8"), "c6.json": ("{", "malformed")}
+    for name, (text, message) in bad.items():
+        (tmp_path / name).write_text(text)
+        with pytest.raises(WildzooError, match=message):
+            TrainConfig.from_file(tmp_path / name)
+    assert train_cli(["fit", "--catalog", str(tmp_path), "--out", str(tmp_path / "run"),
+                      "--config", str(tmp_path / "c1.toml")]) == 1
+
+
+# ---------------------------------------------------------------- windows from the catalog
+
+def test_tokens_are_standardized_per_tensor_and_windows_tile_every_token(zoo_catalog):
+    _, cat_path = zoo_catalog
+    cat = Catalog.open(str(cat_path))
+    refs = list_models(cat)
+    assert len(refs) == 96 and {r.n_tokens for r in refs} == {90}
+    tokens = read_tokens(cat, refs[0].shard, [refs[0].model_id, refs[1].model_id])
+    assert tokens.model_ids == [refs[0].model_id, refs[1].model_id] and list(tokens.offsets) == [0, 90, 180]
+    # token 0 is row 0 of the first conv with its bias appended: each part standardized with its own tensor's statistics
+    w = model_tensors(cat, refs[0].model_id)
+    (wm, ws), (bm, bs) = connect(cat).execute(
+        "SELECT norm_mean, norm_std FROM tensors WHERE model_id = ? AND tensor_idx IN (0, 1) ORDER BY tensor_idx",
+        [refs[0].model_id]).fetchall()
+    np.testing.assert_allclose(tokens.values[0, :9], (w["module_list.0.weight"][0].ravel() - wm) / ws, rtol=1e-5)
+    np.testing.assert_allclose(tokens.values[0, 9], (w["module_list.0.bias"][0] - bm) / bs, rtol=1e-5, atol=1e-6)
+    assert tokens.n_valid[0] == 10 and not tokens.values[0, 10:].any()
+    model, start = tokens.windows(16)
+    b = tokens.batch(model, start, 16)
+    assert b["values"].shape == (12, 16, 64) and (b["n_valid"] > 0).sum() == 180  # every token exactly once
+    np.testing.assert_allclose(tokens.stats[0], [np.arcsinh(wm), np.log(ws)], rtol=1e-5)
+    np.testing.assert_array_equal(b["n"][b["n_valid"] > 0], np.concatenate([np.arange(90)] * 2))
+
+
+def test_ranks_take_equal_steps_and_the_split_holds_out_the_probe_models(zoo_catalog):
+    from train.features import load_population
+    from train.probe import group_split
+
+    _, cat_path = zoo_catalog
+    cat = Catalog.open(str(cat_path))
+    refs = list_models(cat)
+    train, held = split_models(cat, refs, seed=0)
+    pop = load_population(cat)
+    s = group_split(pop.groups, 0)
+    assert {r.group for r in held} == set(pop.groups[np.concatenate([s.val, s.test])])
+    assert not {r.group for r in train} & {r.group for r in held} and len(train) + len(held) == 96
+    streams = [WindowStream(cat, train, window=16, batch_size=10, rank=r, world=3, seed=0) for r in range(3)]
+    assert not set(streams[0].refs) & set(streams[1].refs)
+    counts = [sum(1 for _ in st.epoch(0)) for st in streams]
+    assert counts == [streams[0].steps] * 3 and streams[0].steps > 0
+    first = next(iter(streams[0].epoch(1)))
+    assert first["values"].shape == (10, 16, 64)
+
+
+# ---------------------------------------------------------------- Ray Train fit, resume, embed, probe
+
+@pytest.fixture(scope="module")
+def fitted(zoo_catalog, tmp_path_factory):
+    """A debug fit of 2 epochs with 2 Ray Train workers on CPU (gloo)."""
+    from train.fit import fit
+
+    _, cat = zoo_catalog
+    run = tmp_path_factory.mktemp("runs") / "debug"
+    summary = fit(str(cat), str(run), TrainConfig.debug().replace(workers=2))
+    return cat, run, summary
+
+
+@pytest.mark.ray
+def test_debug_fit_on_two_workers_lowers_the_loss(fitted):
+    _, run, s = fitted
+    losses = [h["loss"] for h in s["history"]]
+    assert s["start_epoch"] == 0 and len(losses) == 2 and losses[1] < losses[0]
+    assert all(math.isfinite(h["val_loss"]) for h in s["history"])
+    meta = json.loads((run / "config.json").read_text())
+    assert meta["epochs_trained"] == 2 and meta["split"]["held_out_models"] > 0
+    state = torch.load(run / "backbone.pt", weights_only=True)
+    Backbone(ModelConfig(**meta["config"]["model"])).load_state_dict(state)
+    assert list((run / "fit").glob("checkpoint_*"))
+
+
+@pytest.mark.ray
+def test_rerun_with_more_epochs_resumes_from_the_checkpoint(fitted, capsys):
+    cat, run, first = fitted
+    assert train_cli(["fit", "--catalog", str(cat), "--out", str(run), "--debug", "--workers", "2",
+                      "--epochs", "3"]) == 0
+    out = capsys.readouterr().out
+    assert "resumed after epoch 2" in out and "loss by epoch: 1:" in out
+    meta = json.loads((run / "config.json").read_text())
+    assert meta["epochs_trained"] == 3 and meta["run_id"] == first["run_id"]
+    assert [h["loss"] for h in meta["history"][:2]] == [h["loss"] for h in first["history"]]
+    # a different model in the same run folder is refused before any training
+    assert train_cli(["fit", "--catalog", str(cat), "--out", str(run), "--epochs", "3"]) == 1
+    assert "different model" in capsys.readouterr().err
+
+
+@pytest.mark.ray
+def test_embed_writes_one_row_per_ok_model(fitted, capsys):
+    cat, run, _ = fitted
+    assert train_cli(["embed", "--run", str(run), "--catalog", str(cat)]) == 0
+    assert "embedded 96 models" in capsys.readouterr().out
+    run_id = json.loads((run / "config.json").read_text())["run_id"]
+    rows = connect(str(cat)).execute(
+        """SELECT count(*), count(DISTINCT model_id), min(len(embedding)), max(len(embedding)),
+                  (SELECT count(*) FROM models WHERE status = 'ok')
+           FROM embeddings WHERE run = ?""", [run_id]).fetchone()
+    assert rows == (96, 96, 16, 16, 96)
+    assert train_cli(["embed", "--run", str(run / "nope"), "--catalog", str(cat)]) == 1
+
+
+@pytest.mark.ray
+def test_probe_with_a_run_prints_backbone_rows(fitted, capsys, tmp_path, monkeypatch):
+    from sklearn.ensemble import HistGradientBoostingClassifier, HistGradientBoostingRegressor
+
+    from train import evaluate, probe
+
+    # the heads, not the plumbing, cost minutes here: fewer boosting rounds, no W features
+    monkeypatch.setattr(probe, "HistGradientBoostingRegressor",
+                        lambda **kw: HistGradientBoostingRegressor(**{**kw, "max_iter": 10}))
+    monkeypatch.setattr(probe, "HistGradientBoostingClassifier",
+                        lambda **kw: HistGradientBoostingClassifier(**{**kw, "max_iter": 5}))
+    monkeypatch.setattr(evaluate, "weight_features", lambda cat, ids: None)
+    cat, run, _ = fitted
+    assert train_cli(["probe", "--catalog", str(cat), "--run", str(run), "--out", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    header = out.splitlines()[2]
+    assert "backbone ridge" in header and "backbone trees" in header and "s(W) ridge" in header
+    results = json.loads((tmp_path / "probe.json").read_text())
+    backbone = [r for r in results if r["method"].startswith("backbone") and r["metric"] == "R2"]
+    assert {r["property"] for r in backbone} == {"test_acc", "epoch", "ggap"}
+    assert all(math.isfinite(r["value"]) for r in backbone)
+    assert train_cli(["probe", "--catalog", str(cat), "--run", str(tmp_path / "missing")]) == 1
+
+
+@pytest.mark.ray
+def test_debug_loss_curve_matches_the_reference(zoo_catalog, tmp_path):
+    """1 worker, debug flavour, seed 0, 3 epochs: the loss per epoch within 2% of tests/assets/."""
+    from train.fit import fit
+
+    _, cat = zoo_catalog
+    s = fit(str(cat), str(tmp_path / "ref"), TrainConfig.debug().replace(epochs=3, seed=0))
+    curve = {k: [round(h[k], 6) for h in s["history"]] for k in ("loss", "mse", "ntx", "val_loss")}
+    if os.environ.get("WILDZOO_UPDATE_REFERENCE"):
+        REFERENCE.parent.mkdir(exist_ok=True)
+        REFERENCE.write_text(json.dumps({"config": "TrainConfig.debug(), epochs 3, seed 0, 1 worker; zoo_catalog",
+                                         **curve}, indent=1) + "\n")
+    ref = json.loads(REFERENCE.read_text())
+    for key, values in curve.items():
+        np.testing.assert_allclose(values, ref[key], rtol=0.02, err_msg=f"{key} per epoch left the reference curve")

@@ -1,0 +1,157 @@
+"""`TrainConfig`: everything one backbone fit depends on, typed, frozen and validated.
+
+A config file (JSON, or TOML read with tomllib) holds the fields to change, the model's under a
+`model` table; an unknown or mistyped key is an error naming the key, never silently ignored:
+
+    epochs = 20
+    lr = 3e-4
+    [model]
+    d_model = 256
+    window = 64
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+from catalog.errors import WildzooError
+from train.losses import LOSS_NORMS, LossConfig
+from train.model import ModelConfig
+
+SCHEDULES = ("onecycle", "constant")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """A backbone fit: the model, the optimization, the losses, the data and the workers."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    epochs: int = 50
+    batch_size: int = 32  # windows per worker and step
+    lr: float = 1e-4  # peak learning rate of the one-cycle schedule
+    weight_decay: float = 1e-5
+    schedule: str = "onecycle"  # linear warm-up to lr, cosine down to lr/1e4; or constant
+    warmup: float = 0.3  # fraction of all steps spent rising to the peak
+    grad_clip: float = 1.0  # max global gradient norm; 0 turns clipping off (a loss spike can collapse the latent)
+    gamma: float = 0.05  # weight of NT-Xent in the loss; 1 − γ weighs the reconstruction
+    tau: float = 0.1  # NT-Xent temperature
+    noise: float = 0.1  # σ of the multiplicative noise w·(1+σε)
+    mask_prob: float = 0.1  # probability that a token's input is masked in a view
+    loss_norm: str = "none"  # reconstruction normalization: none, layer or batch
+    seed: int = 0
+    holdout: bool = True  # hold out the models the probe validates and tests on
+    split_seed: int = 0  # the probe's split seed (`train probe --seed`)
+    val_batches: int = 50  # held-out batches scored per worker and epoch (0: none)
+    workers: int = 1
+    cpus_per_worker: int = 1
+    gpus_per_worker: float = 0.0
+    max_failures: int = 3  # worker or node failures survived by restarting from the last checkpoint
+    keep_checkpoints: int = 2
+    amp: bool = True  # bfloat16 autocast, on CUDA only
+    chunk_mb: int = 256  # tokens read from the catalog at a time, per worker
+    cache_mb: int = 1024  # a worker keeps its tokens in memory across epochs when they fit in this
+
+    def __post_init__(self) -> None:
+        checks = [
+            (self.epochs >= 1, "epochs must be >= 1"),
+            (self.batch_size >= 1, "batch_size must be >= 1"),
+            (self.lr > 0, "lr must be > 0"),
+            (self.weight_decay >= 0, "weight_decay must be >= 0"),
+            (self.schedule in SCHEDULES, f"schedule must be one of {', '.join(SCHEDULES)}"),
+            (0 <= self.warmup < 1, "warmup must be in [0, 1)"),
+            (self.grad_clip >= 0, "grad_clip must be >= 0 (0: off)"),
+            (0 <= self.gamma <= 1, "gamma must be in [0, 1]"),
+            (self.tau > 0, "tau must be > 0"),
+            (self.noise >= 0, "noise must be >= 0"),
+            (0 <= self.mask_prob < 1, "mask_prob must be in [0, 1)"),
+            (self.loss_norm in LOSS_NORMS, f"loss_norm must be one of {', '.join(LOSS_NORMS)}"),
+            (self.workers >= 1, "workers must be >= 1"),
+            (self.cpus_per_worker >= 1, "cpus_per_worker must be >= 1"),
+            (self.gpus_per_worker >= 0, "gpus_per_worker must be >= 0"),
+            (self.val_batches >= 0, "val_batches must be >= 0"),
+            (self.max_failures >= 0, "max_failures must be >= 0"),
+            (self.keep_checkpoints >= 1, "keep_checkpoints must be >= 1"),
+            (self.chunk_mb >= 1 and self.cache_mb >= 0, "chunk_mb must be >= 1 and cache_mb >= 0"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise ValueError(message)
+
+    @classmethod
+    def debug(cls) -> TrainConfig:
+        """The debug flavour: a tiny backbone, two epochs, a high learning rate; seconds on a CPU."""
+        return cls(model=ModelConfig.debug(), epochs=2, batch_size=16, lr=3e-3, warmup=0.2, cache_mb=256)
+
+    @property
+    def loss(self) -> LossConfig:
+        return LossConfig(gamma=self.gamma, tau=self.tau, noise=self.noise, mask_prob=self.mask_prob,
+                          norm=self.loss_norm)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2)
+
+    def replace(self, **changes: Any) -> TrainConfig:
+        return dataclasses.replace(self, **changes)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], base: TrainConfig | None = None, where: str = "config") -> TrainConfig:
+        """`base` (default: the defaults) with the fields in `data` changed. Bad keys or values raise WildzooError."""
+        base = base or cls()
+        if not isinstance(data, dict):
+            raise WildzooError(f"{where}: expected a table of settings, got {type(data).__name__}")
+        changes = _checked(cls, data, where, skip=("model",))
+        model = data.get("model", {})
+        if not isinstance(model, dict):
+            raise WildzooError(f"{where}: 'model' must be a table of model settings")
+        model_changes = _checked(ModelConfig, model, f"{where}: model")
+        try:
+            return dataclasses.replace(base, model=dataclasses.replace(base.model, **model_changes), **changes)
+        except ValueError as e:
+            raise WildzooError(f"{where}: {e}") from None
+
+    @classmethod
+    def from_file(cls, path: str | Path, base: TrainConfig | None = None) -> TrainConfig:
+        """Read a JSON (`.json`) or TOML (any other suffix) config file over `base`."""
+        p = Path(path)
+        try:
+            text = p.read_text()
+        except OSError as e:
+            raise WildzooError(f"cannot read config {path}: {e.strerror or e}") from None
+        try:
+            if p.suffix.lower() == ".json":
+                data = json.loads(text)
+            else:
+                try:
+                    import tomllib
+                except ModuleNotFoundError:  # Python 3.10
+                    import tomli as tomllib  # type: ignore[no-redef]
+                data = tomllib.loads(text)
+        except ValueError as e:  # JSONDecodeError and TOMLDecodeError are ValueErrors
+            raise WildzooError(f"config {path} is malformed: {e}") from None
+        return cls.from_dict(data, base, where=str(path))
+
+
+_TYPES: dict[str, tuple[type, ...]] = {"int": (int,), "float": (int, float), "bool": (bool,), "str": (str,)}
+
+
+def _checked(cls: type, data: dict[str, Any], where: str, skip: tuple[str, ...] = ()) -> dict[str, Any]:
+    """The items of `data` that name fields of `cls`, type-checked; an unknown key is an error."""
+    known = {f.name: f for f in fields(cls) if f.name not in skip}
+    out = {}
+    for key, value in data.items():
+        if key in skip:
+            continue
+        if key not in known:
+            raise WildzooError(f"{where}: unknown key {key!r} (known: {', '.join(sorted(known))})")
+        types = _TYPES[str(known[key].type)]
+        if not isinstance(value, types) or (isinstance(value, bool) and bool not in types):
+            raise WildzooError(f"{where}: {key} must be {known[key].type}, got {value!r}")
+        out[key] = float(value) if known[key].type == "float" else value
+    return out

@@ -1,0 +1,344 @@
+"""`train fit`: the backbone trained data-parallel with Ray Train (DDP; gloo on CPUs, NCCL on GPUs).
+
+The driver (`fit`) reads the catalog's model list, splits it by trained model, writes RUN/config.json
+and starts a `TorchTrainer`. Each worker (`train_loop`) streams its share of the windows
+(train/data.py), trains with AdamW, a one-cycle schedule, gradient clipping and — on CUDA only —
+bfloat16 autocast, and reports metrics every epoch with a checkpoint (model, optimizer, scheduler,
+epoch and loss history through `state_dict()`), written by rank 0 while every rank calls
+`ray.train.report` (a barrier).
+
+Resuming is rerunning: the same RUN gives the same `RunConfig(name, storage_path)`, Ray Train
+restores its checkpoint list, and `ray.train.get_checkpoint()` at the start of the loop hands the
+workers the last epoch's state; a worker or node that dies mid-run is restarted from it
+(`FailureConfig(max_failures)`). A rerun with more `--epochs` trains only the epochs missing.
+At the end the driver writes RUN/backbone.pt (the model's state_dict) for `train embed`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import os
+import tempfile
+import time
+from dataclasses import asdict
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from catalog.errors import WildzooError
+from catalog.store import Catalog
+from train.config import TrainConfig
+from train.data import ModelRef, WindowStream, assign_ranks, list_models, split_models, tiled_batches
+from train.losses import backbone_loss
+from train.model import Backbone, ModelConfig
+from train.run import RAY_RUN_NAME, RunDir, new_run_id
+
+log = logging.getLogger(__name__)
+PROJECT_ROOT = str(Path(__file__).resolve().parent.parent)
+
+
+def lr_factor(step: int, total: int, warmup: float, schedule: str) -> float:
+    """One-cycle: linear from 1/25 to 1 over the warm-up, then cosine down to 1e-4 (× lr)."""
+    if schedule == "constant":
+        return 1.0
+    warm = max(1, int(round(warmup * total)))
+    if step < warm:
+        return 1 / 25 + (1 - 1 / 25) * step / warm
+    t = min(1.0, (step - warm) / max(1, total - warm))
+    return 1e-4 + (1 - 1e-4) * 0.5 * (1 + math.cos(math.pi * t))
+
+
+def to_device(arrays: dict[str, np.ndarray], device: torch.device) -> dict[str, torch.Tensor]:
+    return {k: torch.from_numpy(np.ascontiguousarray(v)).to(device, non_blocking=True) for k, v in arrays.items()}
+
+
+def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
+    return model.module if hasattr(model, "module") else model
+
+
+def _all_sum(values: list[float], device: torch.device) -> list[float]:
+    """Element-wise sums across ranks, for metrics; a no-op on one worker."""
+    import torch.distributed as dist
+
+    t = torch.tensor(values, dtype=torch.float64 if device.type == "cpu" else torch.float32, device=device)
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(t)
+    return t.tolist()
+
+
+def _autocast(device: torch.device, enabled: bool):
+    if enabled and device.type == "cuda" and torch.cuda.is_bf16_supported():
+        return torch.autocast(device_type="cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def validate(model: torch.nn.Module, cfg: TrainConfig, cat: Catalog, refs: list[ModelRef],
+             device: torch.device, amp: bool) -> tuple[float, float]:
+    """(sum of losses, batches) over the held-out windows of this rank, with fixed augmentations."""
+    model.eval()
+    total, count = 0.0, 0
+    state = torch.random.get_rng_state()
+    cuda_state = torch.cuda.get_rng_state(device) if device.type == "cuda" else None
+    torch.manual_seed(cfg.seed + 12345)  # the same views every epoch, so the curve compares
+    if device.type == "cuda":
+        torch.cuda.manual_seed(cfg.seed + 12345)
+    with torch.no_grad():
+        for i, (_, _, arrays) in enumerate(tiled_batches(cat, refs, cfg.model.window, cfg.batch_size)):
+            if i == cfg.val_batches:
+                break
+            with _autocast(device, amp):
+                total += float(backbone_loss(model, to_device(arrays, device), cfg.loss)["loss"])
+            count += 1
+    torch.random.set_rng_state(state)
+    if cuda_state is not None:
+        torch.cuda.set_rng_state(cuda_state, device)
+    model.train()
+    return total, count
+
+
+def train_loop(config: dict[str, Any]) -> dict[str, Any]:
+    """One Ray Train worker: stream windows, fit, report and checkpoint every epoch."""
+    import ray.train
+    import ray.train.torch
+    from ray.train import Checkpoint
+
+    ours = logging.getLogger("train")
+    if not ours.handlers:  # the worker's progress lines reach the driver's console through Ray's log forwarding
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s", "%H:%M:%S"))
+        ours.addHandler(handler)
+        ours.setLevel(logging.INFO)
+        ours.propagate = False
+    if not config.get("verbose"):
+        try:  # Ray Train logs each report with all its metrics, under a logger named by its file path
+            from ray.train.v2._internal.execution import context as train_context
+
+            logging.getLogger(train_context.__file__).setLevel(logging.WARNING)
+        except ImportError:
+            pass
+    cfg = TrainConfig.from_dict(config["cfg"])
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    torch.set_num_threads(cfg.cpus_per_worker)
+    device = ray.train.torch.get_device()
+    cat = Catalog.open(config["catalog"])
+    train_refs = [ModelRef(**r) for r in config["train"]]
+    held = assign_ranks([ModelRef(**r) for r in config["held"]], world, cfg.model.window)[rank] if config["held"] else []
+    bytes_per_token = cfg.model.token_size * 4
+    stream = WindowStream(cat, train_refs, cfg.model.window, cfg.batch_size, rank, world, cfg.seed,
+                          chunk_tokens=max(1, cfg.chunk_mb * 2**20 // bytes_per_token),
+                          cache_tokens=cfg.cache_mb * 2**20 // bytes_per_token)
+
+    torch.manual_seed(cfg.seed)  # identical initial weights on every rank (DDP broadcasts rank 0's anyway)
+    model = Backbone(cfg.model)
+    state = None
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is not None:
+        with checkpoint.as_directory() as d:
+            state = torch.load(os.path.join(d, "state.pt"), map_location="cpu", weights_only=True)
+        if state["model_config"] != asdict(cfg.model):
+            raise ValueError("the checkpoint holds a different model configuration than this run asks for")
+        model.load_state_dict(state["model"])
+    model = ray.train.torch.prepare_model(model)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    total_steps = cfg.epochs * stream.steps
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, partial(lr_factor, total=total_steps, warmup=cfg.warmup, schedule=cfg.schedule))
+    start_epoch, history = 0, []
+    if state is not None:
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        start_epoch, history = state["epoch"] + 1, list(state["history"])
+    if rank == 0 and start_epoch < cfg.epochs:
+        log.info("rank 0 of %d on %s: %d models, %d windows/epoch, %d steps of %d; %s parameters; epochs %d..%d",
+                 world, device, len(stream.refs), stream.windows_per_rank[0], stream.steps, cfg.batch_size,
+                 f"{_unwrap(model).n_params():,}", start_epoch + 1, cfg.epochs)
+    torch.manual_seed(cfg.seed * 1000 + rank + 7919 * start_epoch)  # augmentations differ across ranks
+    amp = cfg.amp and device.type == "cuda"
+
+    for epoch in range(start_epoch, cfg.epochs):
+        t0 = time.time()
+        sums = torch.zeros(4, device=device, dtype=torch.float64)  # loss, mse, ntx, grad norm
+        steps = windows = 0
+        for arrays in stream.epoch(epoch):
+            batch = to_device(arrays, device)
+            with _autocast(device, amp):
+                out = backbone_loss(model, batch, cfg.loss)
+            optimizer.zero_grad(set_to_none=True)
+            out["loss"].backward()
+            gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip if cfg.grad_clip > 0 else math.inf)
+            optimizer.step()
+            scheduler.step()
+            sums += torch.stack([out["loss"].detach(), out["mse"].detach(), out["ntx"].detach(), gnorm.detach()]).double()
+            steps += 1
+            windows += len(arrays["values"])
+        seconds = time.time() - t0
+        loss, mse, ntx, gn = (v / (steps * world) for v in _all_sum(sums.tolist(), device))
+        if not math.isfinite(loss):  # every rank sees the same all-reduced loss, so all stop together
+            raise FloatingPointError(f"the loss diverged in epoch {epoch + 1} (try a lower lr or grad_clip)")
+        metrics = {"epoch": epoch + 1, "loss": loss, "mse": mse, "ntx": ntx, "grad_norm": gn,
+                   "lr": scheduler.get_last_lr()[0], "seconds": seconds,
+                   "windows_per_s": _all_sum([windows], device)[0] / max(seconds, 1e-9)}
+        if config["held"] and cfg.val_batches:
+            vsum, vcount = _all_sum(list(validate(_unwrap(model), cfg, cat, held, device, amp)), device)
+            metrics["val_loss"] = vsum / max(vcount, 1)
+        history.append(metrics)
+        if rank == 0:
+            val = f"  val {metrics['val_loss']:.4f}" if "val_loss" in metrics else ""
+            log.info("epoch %d/%d  loss %.4f (mse %.4f, nt-xent %.4f)%s  lr %.2e  %.1fs, %.0f windows/s",
+                     epoch + 1, cfg.epochs, loss, mse, ntx, val, metrics["lr"], seconds, metrics["windows_per_s"])
+            with tempfile.TemporaryDirectory() as d:
+                torch.save({"model": _unwrap(model).state_dict(), "optimizer": optimizer.state_dict(),
+                            "scheduler": scheduler.state_dict(), "epoch": epoch, "history": history,
+                            "model_config": asdict(cfg.model)}, os.path.join(d, "state.pt"))
+                ray.train.report(metrics, checkpoint=Checkpoint.from_directory(d))
+        else:
+            ray.train.report(metrics, checkpoint=None)
+    return {"start_epoch": start_epoch, "history": history}
+
+
+def _pythonpath() -> str:
+    return os.pathsep.join(filter(None, [PROJECT_ROOT, os.environ.get("PYTHONPATH")]))
+
+
+def ensure_ray(cfg: TrainConfig) -> bool:
+    """Start a local Ray sized for the run (or attach to RAY_ADDRESS) unless one is up; True if started."""
+    import ray
+
+    if ray.is_initialized():
+        return False
+    env = {"PYTHONPATH": _pythonpath()}
+    if os.environ.get("RAY_ADDRESS"):
+        ray.init(runtime_env={"env_vars": env}, log_to_driver=True)
+    else:
+        # logical CPUs: a worker is a slot, not a core (on 2 cores, 2 workers of 2 threads still run)
+        ray.init(num_cpus=max(os.cpu_count() or 1, cfg.workers * cfg.cpus_per_worker), include_dashboard=False,
+                 runtime_env={"env_vars": env}, log_to_driver=True, logging_level=logging.WARNING)
+    return True
+
+
+def _check_resources(cfg: TrainConfig) -> None:
+    """Fail fast where a local Ray cannot ever place the workers (an autoscaling cluster may grow)."""
+    import ray
+
+    if os.environ.get("RAY_ADDRESS"):
+        return
+    have = ray.cluster_resources()
+    need_gpu = cfg.workers * cfg.gpus_per_worker
+    if need_gpu > have.get("GPU", 0):
+        raise WildzooError(f"{cfg.workers} worker(s) × {cfg.gpus_per_worker:g} GPU need {need_gpu:g} GPUs; "
+                           f"this Ray has {have.get('GPU', 0):g}")
+    need_cpu = cfg.workers * cfg.cpus_per_worker
+    if need_cpu > have.get("CPU", 0):
+        raise WildzooError(f"{cfg.workers} worker(s) × {cfg.cpus_per_worker} CPU need {need_cpu} CPUs; "
+                           f"this Ray has {have.get('CPU', 0):g}")
+
+
+def _catalog_id(cat: Catalog) -> str:
+    """The catalog as every process can open it: its URI, or its absolute path."""
+    return cat.uri if "://" in cat.uri else cat.root
+
+
+def _run_meta(run: RunDir, cat: Catalog, cfg: TrainConfig, split: dict[str, Any]) -> dict[str, Any]:
+    """The contents of RUN/config.json: new, or checked against the run it resumes (same catalog and model)."""
+    if run.exists("config.json"):
+        meta = run.meta()
+        old = meta.get("config", {}).get("model")
+        if old != asdict(cfg.model):
+            changed = sorted(k for k in asdict(cfg.model) if (old or {}).get(k) != asdict(cfg.model)[k])
+            raise WildzooError(f"{run.uri} holds a run with a different model ({', '.join(changed)} differ): "
+                               f"use a new --out, or the run's own config")
+        if meta.get("catalog") != _catalog_id(cat):
+            raise WildzooError(f"{run.uri} was trained on catalog {meta.get('catalog')}, not {_catalog_id(cat)}: "
+                               f"use a new --out")
+        log.info("resuming run %s (%d epoch(s) trained so far)", meta["run_id"], meta.get("epochs_trained", 0))
+    else:
+        meta = {"run_id": new_run_id(run), "catalog": _catalog_id(cat), "token_size": cat.spec.token_size,
+                "epochs_trained": 0, "history": []}
+    meta.update(config=cfg.to_dict(), split=split)
+    return meta
+
+
+def fit(catalog: str, out: str, cfg: TrainConfig) -> dict[str, Any]:
+    """Train (or resume) the backbone on `catalog` into the run folder `out`; returns a summary."""
+    from ray.train import (
+        CheckpointConfig,
+        FailureConfig,
+        LoggingConfig,
+        RunConfig,
+        ScalingConfig,
+        TrainingFailedError,
+    )
+    from ray.train.torch import TorchTrainer
+
+    t0 = time.time()
+    cat = Catalog.open(catalog)
+    if cfg.model.token_size not in (0, cat.spec.token_size):
+        raise WildzooError(f"model.token_size {cfg.model.token_size} does not match the catalog's "
+                           f"{cat.spec.token_size}: leave it out (0) to take the catalog's")
+    cfg = cfg.replace(model=ModelConfig(**{**asdict(cfg.model), "token_size": cat.spec.token_size}))
+    refs = list_models(cat)
+    if not refs:
+        raise WildzooError(f"catalog {cat.uri} has no ok models with tokens to train on")
+    train_refs, held = split_models(cat, refs, cfg.split_seed) if cfg.holdout else (refs, [])
+    if len(train_refs) < cfg.workers:
+        raise WildzooError(f"{len(train_refs)} training model(s) cannot feed {cfg.workers} workers")
+    split = {"seed": cfg.split_seed, "holdout": cfg.holdout, "train_models": len(train_refs),
+             "held_out_models": len(held), "train_groups": len({r.group for r in train_refs}),
+             "held_out_groups": len({r.group for r in held})}
+    run = RunDir.at(out)
+    meta = _run_meta(run, cat, cfg, split)
+    if meta.get("epochs_trained", 0) >= cfg.epochs and run.exists("backbone.pt"):
+        log.info("run %s has trained %d epoch(s) already: nothing to do", meta["run_id"], meta["epochs_trained"])
+        return {"run_id": meta["run_id"], "run": run.uri, "start_epoch": meta["epochs_trained"],
+                "epochs": meta["epochs_trained"], "history": meta["history"], "seconds": time.time() - t0,
+                "split": split, "workers": cfg.workers,
+                "n_params": sum(v.numel() for v in run.load_state_dict().values())}
+    log.info("fit %s on %s: %d models for training (%d trained models), %d held out; %d worker(s)",
+             meta["run_id"], cat.uri, len(train_refs), split["train_groups"], len(held), cfg.workers)
+    started = ensure_ray(cfg)
+    try:
+        _check_resources(cfg)
+        run.write_meta(meta)
+        resources = {"CPU": cfg.cpus_per_worker, **({"GPU": cfg.gpus_per_worker} if cfg.gpus_per_worker else {})}
+        trainer = TorchTrainer(
+            train_loop,
+            train_loop_config={"cfg": cfg.to_dict(), "catalog": _catalog_id(cat),
+                               "verbose": log.isEnabledFor(logging.DEBUG),
+                               "train": [asdict(r) for r in train_refs], "held": [asdict(r) for r in held]},
+            scaling_config=ScalingConfig(num_workers=cfg.workers, use_gpu=cfg.gpus_per_worker > 0,
+                                         resources_per_worker=resources),
+            run_config=RunConfig(name=RAY_RUN_NAME, storage_path=run.storage_path,
+                                 failure_config=FailureConfig(max_failures=cfg.max_failures),
+                                 checkpoint_config=CheckpointConfig(num_to_keep=cfg.keep_checkpoints),
+                                 # Ray Train's own INFO lines repeat every metric of every report: -v shows them
+                                 logging_config=LoggingConfig(
+                                     log_level="INFO" if log.isEnabledFor(logging.DEBUG) else "WARNING")),
+        )
+        try:
+            result = trainer.fit()
+        except TrainingFailedError as e:
+            cause = str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__
+            raise WildzooError(f"training failed: {cause} (worker logs above; rerun to resume)") from e
+    finally:
+        if started:
+            import ray
+
+            ray.shutdown()
+    returned = result.return_value or {}
+    if result.checkpoint is None:
+        raise WildzooError(f"the fit of {run.uri} ended without a checkpoint")
+    with result.checkpoint.as_directory() as d:
+        state = torch.load(os.path.join(d, "state.pt"), map_location="cpu", weights_only=True)
+    run.save_state_dict(state["model"])
+    history = [{k: float(v) for k, v in h.items()} for h in state["history"]]
+    meta.update(epochs_trained=state["epoch"] + 1, history=history)
+    run.write_meta(meta)
+    return {"run_id": meta["run_id"], "run": run.uri, "start_epoch": returned.get("start_epoch", state["epoch"] + 1),
+            "epochs": state["epoch"] + 1, "history": history, "seconds": time.time() - t0, "split": split,
+            "workers": cfg.workers, "n_params": sum(v.numel() for v in state["model"].values())}

@@ -1,0 +1,89 @@
+"""A run folder (local or `s3://…`): what `train fit` leaves for `embed`, `probe` and a rerun.
+
+    RUN/config.json   the run: id, catalog, token size, TrainConfig, split, epochs trained, loss history
+    RUN/backbone.pt   the model's state_dict (torch.save; load with torch.load(weights_only=True))
+    RUN/fit/          Ray Train's checkpoints (model + optimizer + scheduler + epoch), for resuming
+
+Files are written under a temporary name and renamed, so a reader never sees half a file.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import time
+import uuid
+from dataclasses import dataclass
+from typing import Any
+
+import pyarrow.fs as pafs
+import torch
+
+from catalog.errors import WildzooError
+from catalog.store import resolve
+
+RAY_RUN_NAME = "fit"
+
+
+@dataclass
+class RunDir:
+    uri: str
+    fs: pafs.FileSystem
+    root: str
+
+    @classmethod
+    def at(cls, uri: str) -> RunDir:
+        fs, root = resolve(uri)
+        return cls(uri, fs, root)
+
+    @property
+    def storage_path(self) -> str:
+        """Where Ray Train keeps checkpoints: an absolute path, or the object-store URI."""
+        return self.uri.rstrip("/") if "://" in self.uri else self.root
+
+    @property
+    def name(self) -> str:
+        return self.root.rstrip("/").rsplit("/", 1)[-1]
+
+    def exists(self, name: str) -> bool:
+        return self.fs.get_file_info(f"{self.root}/{name}").type == pafs.FileType.File
+
+    def read_bytes(self, name: str) -> bytes:
+        try:
+            with self.fs.open_input_stream(f"{self.root}/{name}") as f:
+                return f.read()
+        except (FileNotFoundError, OSError):
+            raise WildzooError(f"{self.uri} has no {name}: is it a run folder of `python -m train fit`?") from None
+
+    def write_bytes(self, name: str, data: bytes) -> None:
+        self.fs.create_dir(self.root, recursive=True)
+        tmp = f"{self.root}/.tmp-{uuid.uuid4().hex[:8]}-{name}"
+        with self.fs.open_output_stream(tmp) as f:
+            f.write(data)
+        self.fs.move(tmp, f"{self.root}/{name}")
+
+    def meta(self) -> dict[str, Any]:
+        """The run's config.json."""
+        try:
+            return json.loads(self.read_bytes("config.json"))
+        except json.JSONDecodeError as e:
+            raise WildzooError(f"{self.uri}/config.json is malformed: {e}") from None
+
+    def write_meta(self, meta: dict[str, Any]) -> None:
+        meta = {**meta, "updated_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+        self.write_bytes("config.json", json.dumps(meta, indent=2).encode())
+
+    def save_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        buf = io.BytesIO()
+        torch.save(state, buf)
+        self.write_bytes("backbone.pt", buf.getvalue())
+
+    def load_state_dict(self) -> dict[str, torch.Tensor]:
+        if not self.exists("backbone.pt"):
+            raise WildzooError(f"{self.uri} has no backbone.pt: the fit has not finished (rerun `train fit` to resume)")
+        return torch.load(io.BytesIO(self.read_bytes("backbone.pt")), map_location="cpu", weights_only=True)
+
+
+def new_run_id(run: RunDir) -> str:
+    """A run's identity in the catalog's embeddings table: the folder name and a random suffix."""
+    return f"{run.name}-{uuid.uuid4().hex[:8]}"
