@@ -91,7 +91,9 @@ class ModelRecords:
             bias = None
             if p.bias_idx is not None:
                 b = self.metas[p.bias_idx]
-                bias = cache.setdefault(p.bias_idx, to_float32(self.weights.stored(b), b.dtype))
+                if p.bias_idx not in cache:  # converted once, reused for the bias's own statistics
+                    cache[p.bias_idx] = to_float32(self.weights.stored(b), b.dtype)
+                bias = cache[p.bias_idx]
             values = tk.tokenize(x, p.geometry, ts, bias)
             del x, stored
             if hasattr(self.weights, "release"):

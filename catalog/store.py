@@ -12,7 +12,7 @@ import json
 import time
 import uuid
 from collections.abc import Iterable
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 
 import pyarrow as pa
 import pyarrow.fs as pafs
@@ -22,6 +22,10 @@ from catalog.errors import WildzooError
 from catalog.schema import TABLES, CatalogSpec, schema_for
 
 TMP_PREFIX = ".tmp-"
+
+
+class CatalogMissing(WildzooError):
+    """No catalog at this location yet (the folder is absent or empty)."""
 
 
 _MOCK: dict[str, pafs.FileSystem] = {}
@@ -66,22 +70,31 @@ class Catalog:
                     existing = CatalogSpec.from_json(f.read().decode())
                 except (ValueError, TypeError) as e:
                     raise WildzooError(f"{meta} is not a valid catalog description: {e}") from None
-            if spec is not None and spec != existing:
-                raise WildzooError(
-                    f"catalog {uri} was built with token size {existing.token_size} and {existing.tokenization} "
-                    f"tokenization; rerun with those settings or use a new catalog folder"
-                )
-            return cls(uri, existing, fs, root)
+            cat = cls(uri, existing, fs, root)
+            if spec is not None:
+                cat.check(asdict(spec))
+            return cat
         if not create:
             if fs.get_file_info(root).type == pafs.FileType.NotFound:
-                raise WildzooError(f"catalog {uri} does not exist")
+                raise CatalogMissing(f"catalog {uri} does not exist")
+            if not fs.get_file_info(pafs.FileSelector(root)):
+                raise CatalogMissing(f"catalog {uri} is an empty folder")
             raise WildzooError(f"{uri} is not a wildzoo catalog (no catalog.json)")
         spec = spec or CatalogSpec()
         fs.create_dir(root, recursive=True)
         for t in TABLES:
             fs.create_dir(f"{root}/{t}", recursive=True)
-        _atomic_write(fs, meta, spec.to_json().encode())
+        atomic_write(fs, meta, spec.to_json().encode())
         return cls(uri, spec, fs, root)
+
+    def check(self, settings: dict) -> None:
+        """Raise if any of the given spec fields (token_size, tokenization, …) differs from this catalog's."""
+        if any(getattr(self.spec, k) != v for k, v in settings.items()):
+            raise WildzooError(
+                f"catalog {self.uri} was built with token size {self.spec.token_size} and "
+                f"{self.spec.tokenization} tokenization ({self.spec.token_dtype}); rerun with those settings "
+                f"or use a new catalog folder"
+            )
 
     def files(self, table: str) -> list[str]:
         """Complete shard files of one table, sorted."""
@@ -130,7 +143,8 @@ class Catalog:
         return path
 
 
-def _atomic_write(fs: pafs.FileSystem, path: str, data: bytes) -> None:
+def atomic_write(fs: pafs.FileSystem, path: str, data: bytes) -> None:
+    """Write a small file whole: under a temporary name in the same folder, then renamed into place."""
     directory, name = path.rsplit("/", 1)
     tmp = f"{directory}/{TMP_PREFIX}{uuid.uuid4().hex[:8]}-{name}"
     with fs.open_output_stream(tmp) as f:
@@ -221,5 +235,5 @@ class Shard:
             "seconds": round(time.time() - self.t0, 3),
         }
         fs.create_dir(f"{cat.root}/_stats", recursive=True)
-        _atomic_write(fs, f"{cat.root}/_stats/{self.id}.json", json.dumps(stats).encode())
+        atomic_write(fs, f"{cat.root}/_stats/{self.id}.json", json.dumps(stats).encode())
         return stats

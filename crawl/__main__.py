@@ -9,7 +9,7 @@ from collections.abc import Sequence
 from catalog.cli import Parser, run, setup_logging
 from catalog.errors import WildzooError
 from catalog.schema import CatalogSpec
-from catalog.store import Catalog
+from catalog.store import Catalog, CatalogMissing
 
 log = logging.getLogger("crawl")
 
@@ -52,29 +52,26 @@ def build_parser() -> Parser:
     return parser
 
 
-def _spec(args, existing: bool) -> CatalogSpec | None:
+def _given(args) -> dict:
+    """The catalog settings given on the command line, validated (a bad value is a one-line error)."""
     given = {k: v for k, v in (("token_size", args.token_size), ("tokenization", args.tokenization),
                                ("token_dtype", args.token_dtype)) if v is not None}
-    if existing and not given:
-        return None
     try:
-        return CatalogSpec(**given)
+        CatalogSpec(**given)
     except ValueError as e:
         raise WildzooError(str(e)) from None
+    return given
 
 
 def open_catalog(args) -> Catalog:
-    """Open the catalog named on the command line, creating it with the given spec if it is new."""
+    """Open the catalog named on the command line (settings given must match), or create it with them."""
+    given = _given(args)
     try:
         cat = Catalog.open(args.catalog)
-        spec = _spec(args, existing=True)
-        if spec is not None and spec != cat.spec:
-            return Catalog.open(args.catalog, spec)  # raises the mismatch error
-        return cat
-    except WildzooError as e:
-        if "no catalog.json" in str(e):
-            raise
-        return Catalog.open(args.catalog, _spec(args, existing=False), create=True)
+    except CatalogMissing:
+        return Catalog.open(args.catalog, CatalogSpec(**given), create=True)
+    cat.check(given)
+    return cat
 
 
 def print_summary(summary: dict, out=None) -> None:
@@ -96,7 +93,7 @@ def print_summary(summary: dict, out=None) -> None:
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     setup_logging(args.verbose)
-    _spec(args, existing=False)  # bad settings are reported before any work
+    _given(args)  # bad settings are reported before any work
     from crawl import local, pipeline, tasks, zoo
 
     if args.source == "local":

@@ -20,7 +20,7 @@ import pyarrow.fs as pafs
 import torch
 
 from catalog.errors import WildzooError
-from catalog.store import resolve
+from catalog.store import atomic_write, resolve
 
 RAY_RUN_NAME = "fit"
 
@@ -57,10 +57,7 @@ class RunDir:
 
     def write_bytes(self, name: str, data: bytes) -> None:
         self.fs.create_dir(self.root, recursive=True)
-        tmp = f"{self.root}/.tmp-{uuid.uuid4().hex[:8]}-{name}"
-        with self.fs.open_output_stream(tmp) as f:
-            f.write(data)
-        self.fs.move(tmp, f"{self.root}/{name}")
+        atomic_write(self.fs, f"{self.root}/{name}", data)
 
     def meta(self) -> dict[str, Any]:
         """The run's config.json."""
