@@ -1,6 +1,10 @@
 """Turn one model's weights into catalog rows: tensors (roles, statistics, token positions) and tokens.
 
 Works on any `Weights`: a validated safetensors model (memory-mapped) or an in-memory state dict.
+Float tensors whose dtype converts exactly to float32 are tokenized; every other dtype the header
+names (integers, bool, complex, sub-byte and scale formats) is cataloged without tokens or statistics,
+and the `tokenized` column says which is which. Zero-size tensors are cataloged with no tokens and
+null statistics.
 Tokens are produced tensor by tensor as Arrow tables, so a caller can stream them to disk and a
 model never needs to fit in memory at once.
 """
@@ -22,6 +26,13 @@ from catalog.schema import CatalogSpec, tokens_schema
 from catalog.stats import tensor_stats
 
 TOKEN_SLICE = 1 << 16  # tokens per Arrow table yielded, bounding the size of each write
+_EMPTY = np.empty(0, np.uint8)
+_EMPTY_F32 = np.empty(0, np.float32)
+
+
+def raw_bytes(stored: np.ndarray) -> np.ndarray:
+    """A tensor's stored bytes as a flat uint8 view (zero-size tensors included), for hashing."""
+    return np.ascontiguousarray(stored).reshape(-1).view(np.uint8)
 
 
 class Weights(Protocol):
@@ -76,17 +87,21 @@ class ModelRecords:
             self.tensor_rows.append(row)
             if self.header_only:
                 continue
-            stored = self.weights.stored(meta)
+            # a zero-size tensor has no values to read: numpy cannot even build some of its shapes
+            empty = meta.numel == 0
+            stored = _EMPTY if empty else self.weights.stored(meta)
             digest.update(f"{meta.name}|{meta.dtype}|{meta.shape}".encode())
-            digest.update(memoryview(np.ascontiguousarray(stored)).cast("B"))
+            digest.update(raw_bytes(stored))
             if not is_float_dtype(meta.dtype):
+                self._release(meta)
                 continue
             x = cache.pop(i, None)
             if x is None:
-                x = to_float32(stored, meta.dtype)
+                x = _EMPTY_F32 if empty else to_float32(stored, meta.dtype)
             row.update(tensor_stats(x))
             p = self.plan[i]
-            if p.packed_into is not None:
+            if p.packed_into is not None or p.n_tokens == 0:
+                self._release(meta)
                 continue
             bias = None
             if p.bias_idx is not None:
@@ -96,8 +111,7 @@ class ModelRecords:
                 bias = cache[p.bias_idx]
             values = tk.tokenize(x, p.geometry, ts, bias)
             del x, stored
-            if hasattr(self.weights, "release"):
-                self.weights.release(meta)
+            self._release(meta)
             row_idx, n_valid = tk.positions(p.geometry, ts, spec.tokenization)
             for s in range(0, p.n_tokens, TOKEN_SLICE):
                 e = min(s + TOKEN_SLICE, p.n_tokens)
@@ -119,6 +133,10 @@ class ModelRecords:
         if not self.header_only:
             self.content_hash = digest.hexdigest()
 
+    def _release(self, meta: TensorMeta) -> None:
+        if hasattr(self.weights, "release"):
+            self.weights.release(meta)
+
     def _row(self, i: int, meta: TensorMeta) -> dict:
         p = self.plan[i]
         header_only = self.header_only
@@ -135,6 +153,9 @@ class ModelRecords:
             "n_tokens": None if header_only else p.n_tokens,
             "packed_into": p.packed_into,
             "file": meta.file or None,
+            # the tensor's values are in `tokens` (its dtype converts exactly to float32): not for
+            # integer, bool, complex, sub-byte (F4, F6) or scale (F8_E8M0) dtypes, nor in header-only crawls
+            "tokenized": not header_only and is_float_dtype(meta.dtype),
         }
 
     def consume(self) -> list[pa.Table]:

@@ -124,5 +124,7 @@ _LEAF_ORDER = {"weight": 0, "bias": 1, "running_mean": 2, "running_var": 3, "num
 def natural_key(name: str) -> tuple:
     """Sort key that orders `layers.2` before `layers.10` and a module's weight before its bias."""
     module, _, leaf = name.rpartition(".")
-    pieces = tuple((0, int(t), "") if t.isdigit() else (1, 0, t) for t in re.split(r"(\d+)", module) if t)
+    # numbers compared by (length, digits) without leading zeros: int() fails on runs of over 4,300 digits
+    pieces = tuple((0, len(t.lstrip("0")), t.lstrip("0")) if t[0] in "0123456789" else (1, 0, t)
+                   for t in re.split(r"([0-9]+)", module) if t)
     return pieces, _LEAF_ORDER.get(leaf, 9), leaf

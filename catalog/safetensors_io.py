@@ -1,14 +1,22 @@
 """A safetensors reader that checks the header before trusting any of it.
 
-The header is untrusted input (files come from the wild): its length is bounded, every tensor's
-offsets must lie inside the file, be contiguous and non-overlapping, agree with the dtype and shape,
-and the dtype must be known. Data is read through a memory map, so a tensor is paged in only when
-it is used and a model is never held in memory twice.
+The header is untrusted input (files come from the wild, some hostile). The check is as strict as
+the reference parser (the `safetensors` package's Rust code) on what it rejects and as permissive on
+what it accepts, with a few deliberate, written-out exceptions where wildzoo is stricter (marked
+STRICTER below): JSON is typed exactly (a shape is a list of non-negative integers, and `true` is not
+an integer), element counts and byte sizes are computed with the reference's overflow checks, every
+dtype it knows is cataloged, sub-byte dtypes must end on a byte boundary, the offsets must be
+contiguous from 0 and cover the data to the end of the file. Every rejection is a `BadWeights` with a
+one-line reason naming the tensor and the rule broken.
+
+Data is read through a memory map, so a tensor is paged in only when it is used and a model is never
+held in memory twice.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import mmap
 import os
 import re
@@ -22,8 +30,19 @@ from catalog.errors import BadWeights
 from catalog.roles import natural_key
 
 MAX_HEADER_BYTES = 100_000_000  # the Rust reference parser's own limit
+MAX_JSON_DEPTH = 127  # serde_json's recursion limit, which the reference parser inherits: deeper is refused
+# STRICTER: the reference takes names of any length. Roles are matched on names with regular
+# expressions whose cost grows with the name's length squared; no real checkpoint comes near this.
+MAX_NAME_CHARS = 1024
+# STRICTER than the Rust parser alone (which takes any u64 dimension of a zero-size tensor): the
+# catalog stores shapes as int64, and neither torch nor numpy can build a larger dimension either.
+MAX_DIM = (1 << 63) - 1
+MAX_INDEX_BYTES = 64 << 20  # a `*.safetensors.index.json` larger than this is not an index
+_U64 = 1 << 64
 
-# dtype -> bytes per element (F4 packs two values per byte), numpy storage dtype, floating?
+# dtype -> bytes per element (sub-byte for F4 and F6), numpy storage dtype (raw bytes where numpy
+# has no such type), tokenized (converted exactly to float32; F64 rounds to nearest). Every dtype of
+# the reference parser is here; the untokenized ones are cataloged (name, shape, role) without tokens.
 DTYPES: dict[str, tuple[float, str, bool]] = {
     "F64": (8, "<f8", True),
     "F32": (4, "<f4", True),
@@ -31,8 +50,13 @@ DTYPES: dict[str, tuple[float, str, bool]] = {
     "BF16": (2, "<u2", True),
     "F8_E4M3": (1, "u1", True),
     "F8_E5M2": (1, "u1", True),
-    "F8_E8M0": (1, "u1", False),
-    "F4": (0.5, "u1", False),
+    "F8_E4M3FNUZ": (1, "u1", True),
+    "F8_E5M2FNUZ": (1, "u1", True),
+    "F8_E8M0": (1, "u1", False),  # a block-scale exponent format, not weights
+    "F6_E2M3": (0.75, "u1", False),  # packed 6-bit floats (MX): stored as raw bytes
+    "F6_E3M2": (0.75, "u1", False),
+    "F4": (0.5, "u1", False),  # packed 4-bit floats (MX), two per byte
+    "C64": (8, "<c8", False),  # complex: no exact float32 form
     "I64": (8, "<i8", False),
     "I32": (4, "<i4", False),
     "I16": (2, "<i2", False),
@@ -43,11 +67,14 @@ DTYPES: dict[str, tuple[float, str, bool]] = {
     "U8": (1, "u1", False),
     "BOOL": (1, "?", False),
 }
+BITS = {name: round(size * 8) for name, (size, _, _) in DTYPES.items()}
+SUB_BYTE = frozenset(name for name, bits in BITS.items() if bits < 8)
+TOKENIZED_DTYPES = frozenset(name for name, (_, _, tok) in DTYPES.items() if tok)
 
 
 def is_float_dtype(dtype: str) -> bool:
     """True for the dtypes that are tokenized (converted exactly to float32)."""
-    return DTYPES[dtype][2]
+    return dtype in TOKENIZED_DTYPES
 
 
 @dataclass(frozen=True)
@@ -63,12 +90,7 @@ class TensorMeta:
 
     @property
     def numel(self) -> int:
-        return int(np.prod(self.shape, dtype=np.int64)) if self.shape else 1
-
-
-def _nbytes(dtype: str, numel: int) -> int:
-    size = DTYPES[dtype][0]
-    return (numel + 1) // 2 if size == 0.5 else int(numel * size)
+        return math.prod(self.shape)
 
 
 def header_length(prefix: bytes, file_size: int | None = None) -> int:
@@ -87,60 +109,219 @@ def header_length(prefix: bytes, file_size: int | None = None) -> int:
     return n
 
 
+# ----------------------------------------------------------------------------------------------------
+# JSON exactly as the reference reads it
+# ----------------------------------------------------------------------------------------------------
+class _JsonRefused(ValueError):
+    """JSON that Python's parser takes but the reference's (serde_json) refuses."""
+
+
+def _no_duplicates(pairs: list[tuple[str, object]]) -> dict:
+    # STRICTER: serde_json refuses a repeated `__metadata__`, `dtype`, `shape` or `data_offsets` but
+    # keeps the last of repeated tensor names or metadata keys. A key given twice means different
+    # things to different JSON parsers (first wins, last wins, error), so no duplicate is accepted.
+    out = dict(pairs)
+    if len(out) != len(pairs):
+        seen: set[str] = set()
+        dup = next(k for k, _ in pairs if k in seen or seen.add(k))
+        raise _JsonRefused(f"duplicate key {dup!r}")
+    return out
+
+
+def _json_int(text: str) -> int | float:
+    if text == "-0":
+        return -0.0  # serde_json reads -0 as a float: it is no valid size or offset
+    value = int(text)  # over 4,300 digits: ValueError, and far out of range for serde_json too
+    if not -_U64 < value < _U64:
+        try:
+            float(value)  # serde_json reads a larger integer as a float and refuses one out of its range
+        except OverflowError:
+            raise _JsonRefused(f"number out of range ({len(text)} digits)") from None
+    return value
+
+
+def _json_float(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):
+        raise _JsonRefused(f"number out of range ({text[:40]})")
+    return value
+
+
+def _json_constant(text: str) -> None:
+    raise _JsonRefused(f"{text} is not JSON")
+
+
+def _check_tree(value: object, what: str) -> None:
+    """Depth within serde_json's limit and no lone surrogate (`\\ud800`) in any string or key."""
+    stack = [(value, 1)]
+    while stack:
+        v, depth = stack.pop()
+        if isinstance(v, dict | list):
+            if depth > MAX_JSON_DEPTH:
+                raise BadWeights(f"{what} nests deeper than {MAX_JSON_DEPTH} levels (the reference parser's limit)")
+            items = v.items() if isinstance(v, dict) else ((None, x) for x in v)
+            for k, x in items:
+                if k is not None:
+                    _check_string(k, what)
+                stack.append((x, depth + 1))
+        elif isinstance(v, str):
+            _check_string(v, what)
+
+
+def _check_string(s: str, what: str) -> None:
+    if not s.isascii():
+        try:
+            s.encode("utf-8")
+        except UnicodeEncodeError:
+            raise BadWeights(f"{what} holds a lone UTF-16 surrogate escape in {s[:40]!r}: not valid Unicode") from None
+
+
+def strict_json(data: bytes | str, what: str, unique_keys: bool = True) -> object:
+    """Parse JSON as the reference parser does: UTF-8, no NaN or Infinity, numbers within range, depth
+    within serde_json's limit, no lone surrogates, and (with `unique_keys`) no repeated key."""
+    try:
+        text = data.decode("utf-8") if isinstance(data, bytes) else data
+    except UnicodeDecodeError as e:
+        raise BadWeights(f"{what} is not valid UTF-8 (at byte {e.start:,})") from None
+    try:
+        value = json.loads(
+            text,
+            object_pairs_hook=_no_duplicates if unique_keys else None,
+            parse_int=_json_int,
+            parse_float=_json_float,
+            parse_constant=_json_constant,
+        )
+    except json.JSONDecodeError as e:
+        raise BadWeights(f"{what} is not valid JSON: {e.msg} (line {e.lineno}, column {e.colno})") from None
+    except RecursionError:
+        raise BadWeights(f"{what} nests deeper than {MAX_JSON_DEPTH} levels (the reference parser's limit)") from None
+    except ValueError as e:  # our refusals, and integers too long for Python to read
+        raise BadWeights(f"{what} is not valid JSON: {str(e).splitlines()[0][:200]}") from None
+    _check_tree(value, what)
+    return value
+
+
+def _json_type(v: object) -> str:
+    """How the JSON value `v` reads, for a reason: `true`, `a list`, `a number (2.0)`…"""
+    if v is None:
+        return "null"
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, int | float):
+        return f"a number ({v!r:.40})"
+    if isinstance(v, str):
+        return f"a string ({v!r:.40})"
+    return "a list" if isinstance(v, list) else "an object"
+
+
+# ----------------------------------------------------------------------------------------------------
+# The header's rules
+# ----------------------------------------------------------------------------------------------------
+def _is_size(v: object) -> bool:
+    """A JSON value the reference reads as a `usize`: an integer (not a bool, not 2.0), 0 <= v < 2**64."""
+    return type(v) is int and 0 <= v < _U64
+
+
+def _entry(name: str, entry: object) -> tuple[str, tuple[int, ...], int, int]:
+    """(dtype, shape, start, end) of one tensor entry, its JSON types checked exactly."""
+    if len(name) > MAX_NAME_CHARS:
+        raise BadWeights(f"tensor {name[:60]!r}…: name of {len(name):,} characters (limit {MAX_NAME_CHARS:,})")
+    if not isinstance(entry, dict):
+        # STRICTER: serde also reads a list [dtype, shape, data_offsets] here; no writer makes one and
+        # other readers (the Hub's header parser among them) refuse it
+        raise BadWeights(f"tensor {name!r}: entry is {_json_type(entry)}, not an object with dtype, shape, data_offsets")
+    for key in ("dtype", "shape", "data_offsets"):
+        if key not in entry:
+            raise BadWeights(f"tensor {name!r}: missing {key}")
+    dtype, shape, offsets = entry["dtype"], entry["shape"], entry["data_offsets"]
+    if not isinstance(dtype, str):
+        # STRICTER: serde also reads {"F32": null} as a dtype, which no writer makes
+        raise BadWeights(f"tensor {name!r}: dtype is {_json_type(dtype)}, not a string")
+    if dtype not in DTYPES:
+        raise BadWeights(f"tensor {name!r}: unknown dtype {dtype[:40]!r}")
+    if not isinstance(shape, list):
+        raise BadWeights(f"tensor {name!r}: bad shape: {_json_type(shape)}, not a list of integers")
+    for d in shape:
+        if not _is_size(d):
+            raise BadWeights(f"tensor {name!r}: bad shape {shape!r:.100}: {_json_type(d)} is not a non-negative integer")
+        if d > MAX_DIM:
+            raise BadWeights(f"tensor {name!r}: bad shape: dimension {d:,} exceeds the int64 range")
+    if not isinstance(offsets, list) or len(offsets) != 2:
+        raise BadWeights(f"tensor {name!r}: bad data_offsets {offsets!r:.100}: need a list [start, end]")
+    for o in offsets:
+        if not _is_size(o):
+            raise BadWeights(f"tensor {name!r}: bad data_offsets {offsets!r:.100}: {_json_type(o)} is not a "
+                             f"non-negative 64-bit integer")
+    if offsets[1] < offsets[0]:
+        raise BadWeights(f"tensor {name!r}: bad data_offsets {offsets!r}: end before start")
+    return dtype, tuple(shape), offsets[0], offsets[1]
+
+
+def tensor_nbytes(name: str, dtype: str, shape: tuple[int, ...]) -> int:
+    """Bytes of a tensor, with the reference's checks: element count and bit count within 64 bits
+    (checked after every factor, as the reference does), and whole bytes for sub-byte dtypes."""
+    numel = 1
+    for d in shape:
+        numel *= d
+        if numel >= _U64:
+            raise BadWeights(f"tensor {name!r}: {dtype}{list(shape)} has more than 2**64 elements (overflow)")
+    bits = numel * BITS[dtype]
+    if bits >= _U64:
+        raise BadWeights(f"tensor {name!r}: {dtype}{list(shape)} has more than 2**64 bits (overflow)")
+    if bits % 8:
+        raise BadWeights(f"tensor {name!r}: {dtype}{list(shape)} holds {bits:,} bits ({numel:,} × {BITS[dtype]}), "
+                         f"which do not end on a byte boundary")
+    return bits // 8
+
+
+def _metadata(value: object) -> dict[str, str]:
+    """`__metadata__`: absent or null, or an object of strings (as the reference requires)."""
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise BadWeights(f"__metadata__ is {_json_type(value)}, not an object of strings")
+    for k, v in value.items():
+        if not isinstance(v, str):
+            raise BadWeights(f"__metadata__[{k[:60]!r}] is {_json_type(v)}, not a string")
+    return value
+
+
 def parse_header(header: bytes, file_size: int | None, file: str = "") -> tuple[list[TensorMeta], dict]:
     """Validate a safetensors JSON header; returns tensors in data order and `__metadata__`.
 
     `file_size` is the size of the whole file (None when unknown, e.g. a header read by HTTP
     range without a size): with it, the data must end exactly at the end of the file.
     """
-    try:
-        raw = json.loads(header.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise BadWeights(f"header is not valid JSON ({type(e).__name__}): not a safetensors file") from None
+    raw = strict_json(header, "header")
     if not isinstance(raw, dict):
-        raise BadWeights("header is not a JSON object")
-    metadata = raw.pop("__metadata__", None) or {}
-    if not isinstance(metadata, dict):
-        raise BadWeights("__metadata__ is not an object")
+        raise BadWeights(f"header is {_json_type(raw)}, not a JSON object")
+    metadata = _metadata(raw.pop("__metadata__", None))
     data_start = 8 + len(header)
-    metas = []
+    entries = []
     for name, entry in raw.items():
-        if not isinstance(entry, dict):
-            raise BadWeights(f"tensor {name!r}: entry is not an object")
-        dtype, shape, offsets = entry.get("dtype"), entry.get("shape"), entry.get("data_offsets")
-        if dtype not in DTYPES:
-            raise BadWeights(f"tensor {name!r}: unknown dtype {dtype!r}")
-        if not isinstance(shape, list) or not all(isinstance(d, int) and d >= 0 for d in shape):
-            raise BadWeights(f"tensor {name!r}: bad shape {shape!r}")
-        if (
-            not isinstance(offsets, list)
-            or len(offsets) != 2
-            or not all(isinstance(o, int) and o >= 0 for o in offsets)
-            or offsets[0] > offsets[1]
-        ):
-            raise BadWeights(f"tensor {name!r}: bad data_offsets {offsets!r}")
-        numel = int(np.prod(shape, dtype=np.int64)) if shape else 1
-        if offsets[1] - offsets[0] != _nbytes(dtype, numel):
-            raise BadWeights(
-                f"tensor {name!r}: {dtype}{shape} needs {_nbytes(dtype, numel):,} bytes "
-                f"but its offsets span {offsets[1] - offsets[0]:,}"
-            )
-        metas.append(TensorMeta(name, dtype, tuple(shape), data_start + offsets[0], offsets[1] - offsets[0], file))
-    metas.sort(key=lambda m: (m.offset, m.nbytes))
-    end = data_start
-    prev = None
-    for m in metas:
-        if m.offset < end:
-            raise BadWeights(f"tensors {prev!r} and {m.name!r} overlap")
-        if m.offset > end:
-            raise BadWeights(f"gap of {m.offset - end} bytes before tensor {m.name!r}: data is not contiguous")
-        end, prev = m.offset + m.nbytes, m.name
+        dtype, shape, start, end = _entry(name, entry)
+        nbytes = tensor_nbytes(name, dtype, shape)
+        entries.append((start, end, name, dtype, shape, nbytes))
+    entries.sort(key=lambda e: (e[0], e[1]))  # the reference's order: by (start, end)
+    metas = []
+    pos, prev = 0, None
+    for start, end, name, dtype, shape, nbytes in entries:
+        if start < pos:
+            raise BadWeights(f"tensors {prev!r} and {name!r} overlap (bytes {start:,}..{pos:,})")
+        if start > pos:
+            raise BadWeights(f"gap of {start - pos:,} bytes before tensor {name!r}: data is not contiguous")
+        if end - start != nbytes:
+            raise BadWeights(f"tensor {name!r}: {dtype}{list(shape)} needs {nbytes:,} bytes "
+                             f"but its offsets span {end - start:,}")
+        metas.append(TensorMeta(name, dtype, shape, data_start + start, nbytes, file))
+        pos, prev = end, name
     if file_size is not None:
+        end = data_start + pos
         if end > file_size:
             raise BadWeights(f"truncated: tensor data ends at byte {end:,} but the file has {file_size:,}")
         if end < file_size:
             raise BadWeights(f"{file_size - end:,} unexpected bytes after the last tensor")
-    return metas, {str(k): str(v) for k, v in metadata.items()}
+    return metas, metadata
 
 
 @dataclass
@@ -167,14 +348,18 @@ class SafetensorsFile:
         return cls(path, tensors, metadata, size)
 
     def array(self, meta: TensorMeta) -> np.ndarray:
-        """The tensor's stored values (BF16 and F8 as their raw unsigned integers), zero-copy."""
+        """The tensor's stored values, zero-copy: BF16 and F8 as their raw unsigned integers, sub-byte
+        dtypes (F4, F6) as a flat array of their packed bytes. A zero-size tensor is a flat empty array
+        (numpy cannot build some zero-size shapes the format allows, such as [2**62, 3, 0])."""
+        storage = np.dtype(DTYPES[meta.dtype][1])
+        if meta.nbytes == 0:
+            return np.empty(0, storage)
         if self._map is None:
             with open(self.path, "rb") as f:
                 self._map = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
-        storage = np.dtype(DTYPES[meta.dtype][1])
         count = meta.nbytes // storage.itemsize
         flat = np.frombuffer(self._map, dtype=storage, count=count, offset=meta.offset)
-        return flat if meta.dtype == "F4" else flat.reshape(meta.shape)
+        return flat if meta.dtype in SUB_BYTE else flat.reshape(meta.shape)
 
     def release(self, meta: TensorMeta) -> None:
         """Drop a tensor's pages from memory once it is processed (they are re-read if used again).
@@ -202,7 +387,12 @@ def _f8_lut(dtype: str) -> np.ndarray:
     if dtype not in _LUTS:
         import torch
 
-        tdt = {"F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2}[dtype]
+        tdt = {
+            "F8_E4M3": torch.float8_e4m3fn,
+            "F8_E5M2": torch.float8_e5m2,
+            "F8_E4M3FNUZ": torch.float8_e4m3fnuz,
+            "F8_E5M2FNUZ": torch.float8_e5m2fnuz,
+        }[dtype]
         _LUTS[dtype] = torch.arange(256, dtype=torch.uint8).view(tdt).float().numpy()
     return _LUTS[dtype]
 
@@ -213,10 +403,13 @@ def to_float32(stored: np.ndarray, dtype: str) -> np.ndarray:
         return stored
     if dtype == "BF16":
         return (stored.astype(np.uint32) << 16).view(np.float32)
-    if dtype in ("F8_E4M3", "F8_E5M2"):
+    if dtype.startswith("F8_") and dtype in TOKENIZED_DTYPES:
         return _f8_lut(dtype)[stored]
-    if dtype in ("F16", "F64"):
+    if dtype == "F16":
         return stored.astype(np.float32)
+    if dtype == "F64":
+        with np.errstate(over="ignore"):  # beyond float32's range: ±inf, as rounding to nearest gives
+            return stored.astype(np.float32)
     raise BadWeights(f"dtype {dtype} is not a float type that can be tokenized")
 
 
@@ -230,6 +423,21 @@ def safe_filename(name: str) -> str:
     return name
 
 
+def read_index(path: Path) -> dict:
+    """The `weight_map` of a `*.safetensors.index.json` (tensor name -> shard file), size-bounded."""
+    try:
+        size = path.stat().st_size
+        if size > MAX_INDEX_BYTES:
+            raise BadWeights(f"{path.name}: {size:,} bytes (limit {MAX_INDEX_BYTES:,}): not a safetensors index")
+        data = strict_json(path.read_bytes(), path.name, unique_keys=False)
+    except OSError as e:
+        raise BadWeights(f"cannot read {path.name}: {e.strerror or e}") from None
+    weight_map = data.get("weight_map") if isinstance(data, dict) else None
+    if not isinstance(weight_map, dict):
+        raise BadWeights(f"{path.name}: not a valid safetensors index (needs a weight_map object)")
+    return weight_map
+
+
 @dataclass
 class SafetensorsModel:
     """All tensors of one model, single-file or sharded with `model.safetensors.index.json`."""
@@ -240,12 +448,7 @@ class SafetensorsModel:
     @classmethod
     def open(cls, folder: Path, weight_files: list[str], index: str | None = None) -> SafetensorsModel:
         if index is not None:
-            try:
-                data = json.loads((folder / index).read_text())
-                weight_map = data["weight_map"]
-                assert isinstance(weight_map, dict)
-            except (OSError, ValueError, KeyError, TypeError, AssertionError):
-                raise BadWeights(f"{index}: not a valid safetensors index (needs a weight_map object)") from None
+            weight_map = read_index(folder / index)
             names = sorted({safe_filename(f) for f in weight_map.values()})
             missing = [n for n in names if not (folder / n).is_file()]
             if missing:

@@ -75,6 +75,8 @@ TENSORS = pa.schema(
         # own and `packed_into` names the tensor_idx whose tokens carry it.
         ("packed_into", pa.int32()),
         ("file", pa.string()),
+        # the tensor's values are in `tokens` (float dtypes converted exactly to float32; F64 rounded)
+        ("tokenized", pa.bool_()),
     ]
 )
 

@@ -16,11 +16,18 @@ CHUNK = 1 << 22
 
 
 def tensor_stats(x: np.ndarray) -> dict[str, float | None]:
-    """Statistics of a float32 tensor; `sparsity` is the fraction of exact zeros. Empty → all None."""
+    """Statistics of a float32 tensor; `sparsity` is the fraction of exact zeros. Empty → all None.
+
+    Values from the wild may hold inf and NaN: their statistics are inf or NaN, without warnings."""
     flat = x.reshape(-1)
-    n = flat.size
-    if n == 0:
+    if flat.size == 0:
         return dict.fromkeys((*STAT_COLUMNS, "norm_mean", "norm_std"))
+    with np.errstate(all="ignore"):
+        return _stats(flat)
+
+
+def _stats(flat: np.ndarray) -> dict[str, float]:
+    n = flat.size
     mean = 0.0
     m2 = 0.0
     sumsq = 0.0
@@ -40,7 +47,7 @@ def tensor_stats(x: np.ndarray) -> dict[str, float | None]:
         m2 += cm2 + delta * delta * seen * k / total
         seen = total
         sumsq += float(np.dot(c, c))
-        lo, hi = min(lo, float(c.min())), max(hi, float(c.max()))
+        lo, hi = float(np.minimum(lo, c.min())), float(np.maximum(hi, c.max()))  # NaN propagates
         zeros += int(k - np.count_nonzero(c))
     sample = flat if n <= EXACT_QUANTILE_LIMIT else flat[:: -(-n // EXACT_QUANTILE_LIMIT)]
     qs = np.quantile(sample.astype(np.float64), QUANTILES)

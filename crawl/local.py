@@ -21,6 +21,7 @@ log = logging.getLogger(__name__)
 
 PICKLE_NAMES = ("pytorch_model.bin", "model.pt", "model.pth", "checkpoint.pt")
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")
+MAX_CONFIG_BYTES = 16 << 20  # config.json larger than this is not a model config
 
 
 def _weight_files(folder: Path) -> tuple[list[str], str | None, list[str]]:
@@ -40,11 +41,24 @@ def is_model_folder(folder: Path) -> bool:
     return bool(st or index or pickled)
 
 
+def _json_file(path: Path) -> object:
+    """A small JSON file (config.json) parsed; size-bounded, and deep nesting is a reason, not a crash."""
+    size = path.stat().st_size
+    if size > MAX_CONFIG_BYTES:
+        raise BadWeights(f"{path.name} is {size:,} bytes (limit {MAX_CONFIG_BYTES:,})")
+    try:
+        return json.loads(path.read_bytes())
+    except RecursionError:
+        raise BadWeights(f"{path.name} is not valid JSON: nested too deeply") from None
+    except ValueError as e:
+        raise BadWeights(f"{path.name} is not valid JSON: {str(e).splitlines()[0][:200]}") from None
+
+
 def _looks_like_model(folder: Path) -> bool:
     """A folder with a model config but no weights: reported, not silently skipped."""
     try:
-        cfg = json.loads((folder / "config.json").read_text())
-    except (OSError, ValueError):
+        cfg = _json_file(folder / "config.json")
+    except (OSError, BadWeights):
         return False
     return isinstance(cfg, dict) and ("architectures" in cfg or "model_type" in cfg)
 
@@ -93,11 +107,11 @@ def _task(folder: Path, model_id: str, repo_id: str | None = None, revision: str
 
 def read_config(folder: Path) -> dict:
     try:
-        cfg = json.loads((folder / "config.json").read_text())
+        cfg = _json_file(folder / "config.json")
     except FileNotFoundError:
         return {}
-    except (OSError, ValueError) as e:
-        raise BadWeights(f"config.json is not valid JSON: {e}") from None
+    except OSError as e:
+        raise BadWeights(f"cannot read config.json: {e.strerror or e}") from None
     return cfg if isinstance(cfg, dict) else {}
 
 

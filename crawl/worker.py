@@ -1,8 +1,11 @@
 """The crawl stage that does the work: load each model of a batch of tasks, write its rows to shards.
 
 `CrawlWorker` is a plain callable over a `pyarrow.Table` of tasks (testable without Ray); Ray Data
-runs copies of it in parallel. It never raises for one bad model: the model becomes a `models` row
-with `status='error'` and the reason, and the batch goes on.
+runs copies of it in parallel. Nothing one model's files hold can fail the batch: whatever goes wrong
+for a model (a malformed header, a conversion error, a value its rows cannot hold), it becomes a
+`models` row with `status='error'` and a one-line reason, and every other model of the batch lands.
+A model's rows are checked against the catalog schemas before they join the shard, so a shard's
+commit never meets a row it cannot write.
 """
 
 from __future__ import annotations
@@ -13,9 +16,9 @@ import traceback
 
 import pyarrow as pa
 
-from catalog.errors import WildzooError
+from catalog.errors import BadWeights, WildzooError
 from catalog.process import ModelRecords
-from catalog.schema import MODELS
+from catalog.schema import MODELS, PROPERTIES, TENSORS
 from catalog.store import Catalog, Shard
 
 log = logging.getLogger(__name__)
@@ -42,6 +45,47 @@ def model_row(task: dict, **fields) -> dict:
     row.update({k: v for k, v in fields.items() if k in row})
     row["crawled_at"] = dt.datetime.now(dt.timezone.utc)
     return row
+
+
+def one_line(reason: str, limit: int = 2000) -> str:
+    """A failure reason as one line of valid UTF-8 (it is stored in the catalog and printed)."""
+    text = " ".join(str(reason).split()) or "unknown error"
+    return text.encode("utf-8", "backslashreplace").decode("utf-8")[:limit]
+
+
+def _first_unfit(values: list, type_: pa.DataType) -> int:
+    for i, v in enumerate(values):
+        try:
+            pa.array([v], type=type_)
+        except (pa.ArrowException, OverflowError, TypeError, ValueError):
+            return i
+    return 0
+
+
+def check_rows(table: str, rows: list[dict], schema: pa.Schema) -> None:
+    """Raise `BadWeights` naming the row and column of the first value that `schema` cannot hold.
+
+    Run on each model's rows before they join a shard: a shard's commit converts the rows of all its
+    models at once, so one unfit value would otherwise lose the whole batch.
+    """
+    for f in schema:
+        values = [r.get(f.name) for r in rows]
+        try:
+            pa.array(values, type=f.type)
+        except (pa.ArrowException, OverflowError, TypeError, ValueError) as e:
+            i = _first_unfit(values, f.type)
+            who = rows[i].get("name") if table == "tensors" else rows[i].get("model_id")
+            what = f" for tensor {who!r}" if table == "tensors" else ""
+            detail = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+            raise BadWeights(f"{table} row{what}: column {f.name} ({f.type}) cannot hold "
+                             f"{values[i]!r:.100} ({detail})") from None
+
+
+def checked(model: dict, tensors: list[dict], properties: list[dict]) -> None:
+    """Check one model's `models`, `tensors` and `properties` rows against the catalog schemas."""
+    check_rows("models", [model], MODELS)
+    check_rows("tensors", tensors, TENSORS)
+    check_rows("properties", properties, PROPERTIES)
 
 
 def load_task(task: dict, options: dict):
@@ -109,6 +153,7 @@ class CrawlWorker:
                 self._releases.append(loaded.release)
             if loaded.weights is None:
                 row = model_row(task, **loaded.model, status=loaded.status, error=loaded.error)
+                checked(row, [], loaded.properties)
                 shard.add(row, [], loaded.properties)
                 return row
             return self._records(task, loaded, shard)
@@ -117,7 +162,8 @@ class CrawlWorker:
         except Exception as e:  # one model's unexpected failure must not stop the crawl
             log.debug("model %s failed:\n%s", task["model_id"], traceback.format_exc())
             reason = f"{type(e).__name__}: {e}"
-        row = model_row(task, status="error", error=reason[:2000])
+        # only the task's own identity (already Arrow strings) and the reason: a row that always fits
+        row = model_row(task, status="error", error=one_line(reason))
         shard.add(row, [], [])
         return row
 
@@ -126,26 +172,28 @@ class CrawlWorker:
         rec = ModelRecords(task["model_id"], loaded.weights, spec, header_only=self.header_only)
         big = rec.n_tokens * spec.token_size * 4 > STREAM_BYTES
         target = self.catalog.new_shard() if big else shard
-        if big:
-            try:
+        try:
+            if big:
                 target.stream_tokens(rec.tokens())
-            except BaseException:
+                tables = ()
+            else:
+                tables = rec.consume()
+            status = "header_only" if self.header_only else "ok"
+            fields = {
+                "n_params": rec.n_params,
+                "n_tensors": len(rec.tensor_rows),
+                "n_tokens": rec.n_tokens,
+                "total_bytes": getattr(loaded.weights, "total_bytes", None),
+                "status": status,
+            }
+            if rec.content_hash is not None and not loaded.model.get("content_hash"):
+                fields["content_hash"] = rec.content_hash  # a source's own hash (the Hub's file sha256s) wins
+            row = model_row(task, **{**loaded.model, **fields})
+            checked(row, rec.tensor_rows, loaded.properties)
+        except BaseException:
+            if big:
                 target.abort()
-                raise
-            tables = ()
-        else:
-            tables = rec.consume()
-        status = "header_only" if self.header_only else "ok"
-        fields = {
-            "n_params": rec.n_params,
-            "n_tensors": len(rec.tensor_rows),
-            "n_tokens": rec.n_tokens,
-            "total_bytes": getattr(loaded.weights, "total_bytes", None),
-            "status": status,
-        }
-        if rec.content_hash is not None and not loaded.model.get("content_hash"):
-            fields["content_hash"] = rec.content_hash  # a source's own hash (the Hub's file sha256s) wins
-        row = model_row(task, **{**loaded.model, **fields})
+            raise
         target.add(row, rec.tensor_rows, loaded.properties, tables)
         if big:
             target.commit()
