@@ -113,7 +113,8 @@ EMBEDDINGS = pa.schema(
     [
         ("model_id", pa.string()),
         ("run", pa.string()),  # the run's id (RUN/config.json `run_id`)
-        ("embedding", pa.list_(pa.float32())),  # mean of the model's token latents
+        ("embedding", pa.list_(pa.float32())),  # token latents pooled per layer group, concatenated
+        ("embedding_mean", pa.list_(pa.float32())),  # mean of all the model's token latents
         ("epoch", pa.int32()),  # epochs the backbone had trained when it embedded
         ("created_at", pa.timestamp("ms", tz="UTC")),
     ]

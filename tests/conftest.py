@@ -32,7 +32,8 @@ def ray_session():
 
 @pytest.fixture(scope="session")
 def zoo_catalog(tmp_path_factory, ray_session):
-    """A lab zoo (24 CNNs × 4 checkpoints on digits) crawled into a catalog (row tokens of 64): (zoo, catalog).
+    """A lab zoo (24 CNNs × 4 checkpoints on digits) crawled into a catalog with `crawl zoo`'s defaults (row
+    tokens, token size auto: 73, the widest row with its bias): (zoo, catalog).
 
     Session-scoped: the zoo and catalog tests and the trainer tests share it (about a minute to build)."""
     from crawl.__main__ import cli as crawl_cli
@@ -42,7 +43,7 @@ def zoo_catalog(tmp_path_factory, ray_session):
     zoo = root / "zoo"
     generate(zoo, models=24, epochs=3, seed=1, workers=2, arch="cnn")
     cat = root / "cat"
-    assert crawl_cli(["zoo", str(zoo), "--catalog", str(cat), "--tokenization", "row", "--token-size", "64"]) == 0
+    assert crawl_cli(["zoo", str(zoo), "--catalog", str(cat)]) == 0
     return zoo, cat
 
 

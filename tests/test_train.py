@@ -34,7 +34,8 @@ def _batch(cfg: ModelConfig, B: int = 3, seed: int = 0) -> dict[str, torch.Tenso
     T, S = cfg.window, cfg.token_size
     n_valid = torch.randint(1, S + 1, (B, T), generator=g)
     n_valid[0, T - 5:] = 0  # the first window runs past the end of its model
-    return {"values": torch.randn(B, T, S, generator=g), "stats": torch.randn(B, T, 2, generator=g), "n_valid": n_valid,
+    return {"values": torch.randn(B, T, S, generator=g), "stats": torch.randn(B, T, cfg.n_stats, generator=g),
+            "n_valid": n_valid,
             "n": torch.arange(T).repeat(B, 1) + 1000, "l": torch.randint(0, 6, (B, T), generator=g),
             "k": torch.randint(0, 40, (B, T), generator=g), "role": torch.randint(0, cfg.n_roles, (B, T), generator=g)}
 
@@ -46,8 +47,8 @@ def test_model_shapes_and_embedding_ignores_padding():
     torch.manual_seed(0)
     model = Backbone(cfg).eval()
     batch = _batch(cfg)
-    recon, latent, proj = model(batch)
-    assert recon.shape == (3, cfg.window, 24 + 2) and latent.shape == (3, cfg.window, cfg.d_latent)
+    recon, latent, proj, _ = model(batch)
+    assert recon.shape == (3, cfg.window, 24 + cfg.n_stats) and latent.shape == (3, cfg.window, cfg.d_latent)
     assert proj.shape == (3, cfg.proj_dim) and model.embed(batch).shape == (3, cfg.d_latent)
     # garbage in padded entries and padded tokens, and other positions for padded tokens: same embedding
     noisy = {k: v.clone() for k, v in batch.items()}
@@ -93,8 +94,21 @@ def test_backbone_loss_backpropagates():
     model = Backbone(cfg)
     out = backbone_loss(model, _batch(cfg, B=4), LossConfig())
     out["loss"].backward()
-    assert torch.isclose(out["loss"], 0.05 * out["ntx"] + 0.95 * out["mse"])
+    assert torch.isclose(out["loss"], 0.05 * out["ntx"] + 0.95 * (out["mse"] + out["stats_mse"]))
     assert all(p.grad is not None for p in model.encoder.parameters())
+
+
+def test_a_masked_token_is_not_a_constant_tensor():
+    """A constant tensor standardizes to zeros; a masked token enters as the learned mask vector instead."""
+    cfg = ModelConfig.debug(token_size=24)
+    torch.manual_seed(0)
+    model = Backbone(cfg).eval()
+    with torch.no_grad():
+        model.encoder.mask.normal_()
+    batch = _batch(cfg)
+    zeros = {**batch, "values": torch.zeros_like(batch["values"]), "stats": torch.zeros_like(batch["stats"])}
+    masked = {**zeros, "masked": torch.ones(batch["n_valid"].shape, dtype=torch.bool)}
+    assert not torch.allclose(model.embed(masked), model.embed(zeros))
 
 
 def test_one_cycle_schedule_warms_up_then_anneals():
@@ -131,10 +145,11 @@ def test_config_file_round_trip_and_clear_errors(tmp_path):
 def test_tokens_are_standardized_per_tensor_and_windows_tile_every_token(zoo_catalog):
     _, cat_path = zoo_catalog
     cat = Catalog.open(str(cat_path))
+    assert (cat.spec.tokenization, cat.spec.token_size) == ("row", 73)  # crawl zoo: row tokens, size auto
     refs = list_models(cat)
-    assert len(refs) == 96 and {r.n_tokens for r in refs} == {90}
+    assert len(refs) == 96 and {r.n_tokens for r in refs} == {54}  # one token per output unit: 8 + 16 + 20 + 10
     tokens = read_tokens(cat, refs[0].shard, [refs[0].model_id, refs[1].model_id])
-    assert tokens.model_ids == [refs[0].model_id, refs[1].model_id] and list(tokens.offsets) == [0, 90, 180]
+    assert tokens.model_ids == [refs[0].model_id, refs[1].model_id] and list(tokens.offsets) == [0, 54, 108]
     # token 0 is row 0 of the first conv with its bias appended: each part standardized with its own tensor's statistics
     w = model_tensors(cat, refs[0].model_id)
     (wm, ws), (bm, bs) = connect(cat).execute(
@@ -145,9 +160,87 @@ def test_tokens_are_standardized_per_tensor_and_windows_tile_every_token(zoo_cat
     assert tokens.n_valid[0] == 10 and not tokens.values[0, 10:].any()
     model, start = tokens.windows(16)
     b = tokens.batch(model, start, 16)
-    assert b["values"].shape == (12, 16, 64) and (b["n_valid"] > 0).sum() == 180  # every token exactly once
-    np.testing.assert_allclose(tokens.stats[0], [np.arcsinh(wm), np.log(ws)], rtol=1e-5)
-    np.testing.assert_array_equal(b["n"][b["n_valid"] > 0], np.concatenate([np.arange(90)] * 2))
+    assert b["values"].shape == (8, 16, 73) and (b["n_valid"] > 0).sum() == 108  # every token exactly once
+    np.testing.assert_allclose(tokens.stats[0, :2], [np.arcsinh(wm), np.log(ws)], rtol=1e-5)  # the scale is kept
+    np.testing.assert_array_equal(b["n"][b["n_valid"] > 0], np.concatenate([np.arange(54)] * 2))
+
+
+def test_per_layer_normalization_is_detected_and_keeps_scale_across_models(zoo_catalog):
+    from train.data import Normalizer, fit_normalizer
+
+    _, cat_path = zoo_catalog
+    cat = Catalog.open(str(cat_path))
+    refs = list_models(cat)
+    norm = fit_normalizer(cat, refs)  # one architecture: tensors line up
+    assert norm.mode == "per-layer" and sorted(norm.layer) == list(range(8))
+    assert Normalizer.from_dict(norm.to_dict()) == norm
+    tokens = read_tokens(cat, refs[0].shard, [refs[0].model_id], norm)
+    w = model_tensors(cat, refs[0].model_id)
+    mu, sd = norm.layer[0]
+    np.testing.assert_allclose(tokens.values[0, :9], np.clip((w["module_list.0.weight"][0].ravel() - mu) / sd, -10, 10),
+                               rtol=1e-5, atol=1e-6)
+    assert np.isfinite(tokens.stats).all() and abs(tokens.stats.mean()) < 1.0
+    assert fit_normalizer(cat, refs, "per-tensor").mode == "per-tensor"
+
+
+def test_views_permute_hidden_units_and_carry_what_rebuilding_needs(zoo_catalog):
+    from train.behaviour import Behaviour, denormalize, model_archs
+    from train.data import fit_normalizer, read_models
+
+    _, cat_path = zoo_catalog
+    cat = Catalog.open(str(cat_path))
+    refs = list_models(cat)[:6]
+    norm = fit_normalizer(cat, list_models(cat))
+    arch_of = model_archs(cat, [r.model_id for r in refs])
+    keys = sorted(set(arch_of.values()))
+    tokens = read_models(cat, refs, norm, {m: keys.index(k) for m, k in arch_of.items()})
+    assert all(p is not None for p in tokens.plans)
+    model, start = tokens.windows(64, np.random.default_rng(0))
+    b = tokens.batch(model, start, 64, np.random.default_rng(1), permute=1.0)
+    assert (b["arch"] >= 0).all() and not np.allclose(b["values"], b["values2"])
+    # the two views are the same functions: rebuilt, they give the same outputs on the query images
+    beh = Behaviour(keys, cat.spec.token_size)
+    t = {k: torch.from_numpy(v) for k, v in b.items()}
+    for i, a in beh.archs.items():
+        sel = torch.nonzero(t["arch"] == i).flatten()
+        sub = {k: v[sel] for k, v in t.items()}
+        one, two = (a.outputs(denormalize(sub[k], sub), beh.query) for k in ("values", "values2"))
+        torch.testing.assert_close(one, two, atol=1e-4, rtol=1e-4)
+    # and a view carries no behavioural loss against itself
+    assert float(beh.loss(t["values"], t["values"], t)) == pytest.approx(0.0, abs=1e-6)
+
+
+def test_behavioural_loss_reaches_the_backbone_and_weight_zero_is_the_old_loss(zoo_catalog):
+    from train.behaviour import Behaviour, model_archs
+    from train.data import fit_normalizer, read_models
+
+    _, cat_path = zoo_catalog
+    cat = Catalog.open(str(cat_path))
+    refs = list_models(cat)[:4]
+    norm = fit_normalizer(cat, list_models(cat))
+    arch_of = model_archs(cat, [r.model_id for r in refs])
+    keys = sorted(set(arch_of.values()))
+    tokens = read_models(cat, refs, norm, {m: keys.index(k) for m, k in arch_of.items()})
+    model_idx, start = tokens.windows(64, np.random.default_rng(0))
+    batch = {k: torch.from_numpy(v) for k, v in tokens.batch(model_idx, start, 64, np.random.default_rng(1), 1.0).items()}
+    beh = Behaviour(keys, cat.spec.token_size)
+    cfg = ModelConfig.debug(token_size=cat.spec.token_size)
+
+    def run(loss_cfg: LossConfig, behaviour) -> tuple[dict, Backbone]:
+        torch.manual_seed(0)
+        m = Backbone(cfg)
+        torch.manual_seed(1)
+        out = backbone_loss(m, batch, loss_cfg, behaviour)
+        out["loss"].backward()
+        return out, m
+
+    with_b, m = run(LossConfig(behaviour=1.0), beh)
+    assert with_b["behaviour"] > 0
+    only_b, m = run(LossConfig(behaviour=1.0, gamma=0.0, stats_weight=0.0), beh)
+    assert m.encoder.inp.weight.grad.abs().sum() > 0  # through decoder, de-normalization and the rebuilt nets
+    off, _ = run(LossConfig(behaviour=0.0), beh)
+    old, _ = run(LossConfig(), None)
+    assert "behaviour" not in off and torch.equal(off["loss"], old["loss"])
 
 
 def test_ranks_take_equal_steps_and_the_split_holds_out_the_probe_models(zoo_catalog):
@@ -157,17 +250,21 @@ def test_ranks_take_equal_steps_and_the_split_holds_out_the_probe_models(zoo_cat
     _, cat_path = zoo_catalog
     cat = Catalog.open(str(cat_path))
     refs = list_models(cat)
-    train, held = split_models(cat, refs, seed=0)
+    train, held = split_models(cat, refs, seeds=0)
     pop = load_population(cat)
     s = group_split(pop.groups, 0)
     assert {r.group for r in held} == set(pop.groups[np.concatenate([s.val, s.test])])
     assert not {r.group for r in train} & {r.group for r in held} and len(train) + len(held) == 96
+    # several probe seeds: every seed's test models are held out (validation models may be trained on)
+    _, held5 = split_models(cat, refs, seeds=[0, 1, 2, 3, 4])
+    tests = set().union(*(set(pop.groups[group_split(pop.groups, k).test]) for k in range(5)))
+    assert {r.group for r in held5} == tests
     streams = [WindowStream(cat, train, window=16, batch_size=10, rank=r, world=3, seed=0) for r in range(3)]
     assert not set(streams[0].refs) & set(streams[1].refs)
     counts = [sum(1 for _ in st.epoch(0)) for st in streams]
     assert counts == [streams[0].steps] * 3 and streams[0].steps > 0
     first = next(iter(streams[0].epoch(1)))
-    assert first["values"].shape == (10, 16, 64)
+    assert first["values"].shape == (10, 16, 73)
 
 
 # ---------------------------------------------------------------- Ray Train fit, resume, embed, probe
@@ -191,9 +288,12 @@ def test_debug_fit_on_two_workers_lowers_the_loss(fitted):
     assert all(math.isfinite(h["val_loss"]) for h in s["history"])
     meta = json.loads((run / "config.json").read_text())
     assert meta["epochs_trained"] == 2 and meta["split"]["held_out_models"] > 0
-    state = torch.load(run / "backbone.pt", weights_only=True)
-    Backbone(ModelConfig(**meta["config"]["model"])).load_state_dict(state)
+    from safetensors.torch import load_file
+
+    Backbone(ModelConfig(**meta["config"]["model"])).load_state_dict(load_file(run / "model.safetensors"))
     assert list((run / "fit").glob("checkpoint_*"))
+    assert meta["norm"]["mode"] == "per-layer" and meta["reconstruction"]["rebuildable"] > 0
+    assert len((run / "metrics.jsonl").read_text().splitlines()) == 2 and (run / "loss_curve.png").stat().st_size > 1000
 
 
 @pytest.mark.ray
@@ -221,7 +321,9 @@ def test_embed_writes_one_row_per_ok_model(fitted, capsys):
         """SELECT count(*), count(DISTINCT model_id), min(len(embedding)), max(len(embedding)),
                   (SELECT count(*) FROM models WHERE status = 'ok')
            FROM embeddings WHERE run = ?""", [run_id]).fetchone()
-    assert rows == (96, 96, 16, 16, 96)
+    assert rows == (96, 96, 64, 64, 96)  # 4 layers × 16 latent dims, pooled per layer
+    assert connect(str(cat)).execute("SELECT min(len(embedding_mean)) FROM embeddings WHERE run = ?",
+                                     [run_id]).fetchone() == (16,)
     assert train_cli(["embed", "--run", str(run / "nope"), "--catalog", str(cat)]) == 1
 
 
@@ -238,13 +340,15 @@ def test_probe_with_a_run_prints_backbone_rows(fitted, capsys, tmp_path, monkeyp
                         lambda **kw: HistGradientBoostingClassifier(**{**kw, "max_iter": 5}))
     monkeypatch.setattr(evaluate, "weight_features", lambda cat, ids: None)
     cat, run, _ = fitted
-    assert train_cli(["probe", "--catalog", str(cat), "--run", str(run), "--out", str(tmp_path)]) == 0
+    assert train_cli(["probe", "--catalog", str(cat), "--run", str(run), "--out", str(tmp_path), "--seeds", "2"]) == 0
     out = capsys.readouterr().out
-    header = out.splitlines()[2]
-    assert "backbone ridge" in header and "backbone trees" in header and "s(W) ridge" in header
-    results = json.loads((tmp_path / "probe.json").read_text())
+    methods = [line.split("  ")[0] for line in out.splitlines()[3:]]
+    for m in ("s(W) trees", "backbone ridge", "backbone trees", "backbone-mean trees", "combined trees"):
+        assert m in methods
+    assert "(wins over s(W) trees per split in brackets)" in out and " ± " in out
+    results = json.loads((tmp_path / "probe.json").read_text())["results"]
     backbone = [r for r in results if r["method"].startswith("backbone") and r["metric"] == "R2"]
-    assert {r["property"] for r in backbone} == {"test_acc", "epoch", "ggap"}
+    assert {r["property"] for r in backbone} == {"test_acc", "epoch", "ggap"} and {r["seed"] for r in backbone} == {0, 1}
     assert all(math.isfinite(r["value"]) for r in backbone)
     assert train_cli(["probe", "--catalog", str(cat), "--run", str(tmp_path / "missing")]) == 1
 
@@ -256,7 +360,7 @@ def test_debug_loss_curve_matches_the_reference(zoo_catalog, tmp_path):
 
     _, cat = zoo_catalog
     s = fit(str(cat), str(tmp_path / "ref"), TrainConfig.debug().replace(epochs=3, seed=0))
-    curve = {k: [round(h[k], 6) for h in s["history"]] for k in ("loss", "mse", "ntx", "val_loss")}
+    curve = {k: [round(h[k], 6) for h in s["history"]] for k in ("loss", "mse", "stats_mse", "ntx", "val_loss")}
     if os.environ.get("WILDZOO_UPDATE_REFERENCE"):
         REFERENCE.parent.mkdir(exist_ok=True)
         REFERENCE.write_text(json.dumps({"config": "TrainConfig.debug(), epochs 3, seed 0, 1 worker; zoo_catalog",

@@ -59,13 +59,15 @@ def test_sql_average_accuracy_by_activation_and_optimizer(zoo_catalog):
 
 def test_probe_prints_every_property_and_method(zoo_catalog, capsys, tmp_path):
     _, cat = zoo_catalog
-    assert train_cli(["probe", "--catalog", str(cat), "--format", "json", "--out", str(tmp_path)]) == 0
+    assert train_cli(["probe", "--catalog", str(cat), "--format", "json", "--out", str(tmp_path), "--seeds", "2"]) == 0
     results = json.loads(capsys.readouterr().out)
     got = {(r["property"], r["method"]) for r in results}
     for prop in ("test_acc", "epoch", "ggap"):
         for method in ("s(W) ridge", "s(W) ridge-robust", "s(W) trees", "W ridge"):
             assert (prop, method) in got
-    assert all(math.isfinite(r["value"]) for r in results)
+    assert all(math.isfinite(r["mean"]) and math.isfinite(r["sd"]) for r in results)
+    assert {r["n"] for r in results if r["metric"] == "R2"} == {2}  # R² on every seed; hyperparameters on the first
+    assert {r["n"] for r in results if r["metric"] == "accuracy"} == {1}
     assert any(r["metric"] == "accuracy" and r["property"] == "model::nlin" for r in results)
     assert (tmp_path / "probe_test_acc.png").stat().st_size > 10_000 and (tmp_path / "features_pca.png").exists()
     assert train_cli(["probe", "--catalog", str(tmp_path / "missing")]) == 1

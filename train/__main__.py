@@ -30,12 +30,15 @@ def build_parser() -> Parser:
         "+ masked reconstruction) on windows of the catalog's tokens with Ray Train: DDP over --workers (gloo "
         "on CPUs, NCCL on GPUs), a checkpoint every epoch under RUN/fit. Rerunning the same command resumes "
         "from the last checkpoint (with more --epochs, trains the missing ones). Models the probe validates and "
-        "tests on are held out. Writes RUN/backbone.pt and RUN/config.json.",
+        "tests on are held out. Writes RUN/model.safetensors, RUN/config.json, RUN/metrics.jsonl and RUN/loss_curve.png.",
     )
     p.add_argument("--catalog", required=True, help="catalog folder or s3://bucket/prefix")
     p.add_argument("--out", required=True, metavar="RUN", help="run folder (or s3://…) for checkpoints and the model")
     p.add_argument("--config", metavar="FILE", help="TOML or JSON settings over the defaults (see train/config.py)")
-    p.add_argument("--debug", action="store_true", help="the debug flavour: a tiny backbone, 2 epochs, seconds on a CPU")
+    p.add_argument("--flavour", choices=["debug", "small", "base"], default=None,
+                   help="debug: a tiny backbone, 2 epochs, seconds on a CPU; small (default): minutes on 2 cores for "
+                   "~1,000 small checkpoints; base: SANE's CNN-zoo size, for GPUs")
+    p.add_argument("--debug", action="store_true", help="the debug flavour (same as --flavour debug)")
     p.add_argument("--epochs", type=int, help="epochs in all (a rerun with more continues the run)")
     p.add_argument("--workers", type=int, help="Ray Train workers (default 1)")
     p.add_argument("--gpus-per-worker", type=float, help="GPUs per worker (default 0: CPU, gloo)")
@@ -64,14 +67,19 @@ def build_parser() -> Parser:
                    "catalog first if it has none by this run)")
     p.add_argument("--format", choices=["table", "json"], default="table")
     p.add_argument("--out", help="folder for probe.json and pictures (default: CATALOG/_reports/probe)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the split")
+    p.add_argument("--seed", type=int, default=0, help="seed of the first split (default 0)")
+    p.add_argument("--seeds", type=int, default=5, help="split seeds, --seed onwards; every method is scored on "
+                   "the same splits and reported as mean ± sd (default 5)")
     p.add_argument("-v", "--verbose", action="store_true")
     return parser
 
 
 def probe_command(args) -> int:
-    from train.evaluate import format_results, run_probe, save
+    from train.evaluate import format_summary, run_probes, save, summarize
 
+    if args.seeds < 1:
+        raise WildzooError("--seeds must be >= 1")
+    seeds = list(range(args.seed, args.seed + args.seeds))
     cat = Catalog.open(args.catalog)
     from catalog.query import connect
     from train.features import load_population
@@ -85,26 +93,30 @@ def probe_command(args) -> int:
         from train.run import RunDir
 
         split = RunDir.at(args.run).meta().get("split", {})
-        if split.get("holdout") and split.get("seed") != args.seed:
-            log.warning("the backbone held out the probe split of seed %s, not %s: its test models may have "
-                        "been trained on", split.get("seed"), args.seed)
-        embeddings = run_embeddings(cat, args.run, pop.model_ids)
-    results, preds = run_probe(cat, seed=args.seed, pop=pop, embeddings=embeddings)
+        held = set(split.get("seeds", [split.get("seed")]))
+        if split.get("holdout") and not set(seeds) <= held:
+            log.warning("the backbone held out the test models of split seeds %s, not of %s: some test models may "
+                        "have been trained on", sorted(held), sorted(set(seeds) - held))
+        embeddings = {"backbone": run_embeddings(cat, args.run, pop.model_ids),
+                      "backbone-mean": run_embeddings(cat, args.run, pop.model_ids, column="embedding_mean")}
+    results, preds = run_probes(cat, seeds, pop=pop, embeddings=embeddings)
+    summary = summarize(results)
     if args.out:
         out = Path(args.out)
     elif "://" in cat.uri:
         out = Path("wildzoo-reports") / "probe"
     else:
         out = Path(cat.root) / "_reports" / "probe"
-    written = save(results, preds, out)
+    written = save(results, preds, out, summary)
     if args.format == "json":
-        json.dump([{k: r[k] for k in ("property", "method", "metric", "value")} for r in results], sys.stdout,
-                  indent=1)
+        json.dump(summary, sys.stdout, indent=1)
         print()
     else:
         print(f"catalog {cat.uri}: {n} models ({ok} ok), {tokens:,} tokens; probed {len(pop.model_ids)} models "
-              f"from {len(set(pop.groups))} trained models, split 70/15/15 by trained model\n")
-        print(format_results(results))
+              f"from {len(set(pop.groups))} trained models, split 70/15/15 by trained model; "
+              f"mean ± sd over split seeds {seeds[0]}..{seeds[-1]}"
+              + (" (wins over s(W) trees per split in brackets)" if len(seeds) > 1 else "") + "\n")
+        print(format_summary(summary))
         print(f"\nsaved {', '.join(str(p) for p in written)}")
     return 0
 
@@ -113,7 +125,7 @@ def fit_command(args) -> int:
     from train.config import TrainConfig
     from train.fit import fit
 
-    cfg = TrainConfig.debug() if args.debug else TrainConfig()
+    cfg = TrainConfig.flavour("debug" if args.debug else args.flavour or "small")
     if args.config:
         cfg = TrainConfig.from_file(args.config, base=cfg)
     flags = {"epochs": args.epochs, "workers": args.workers, "gpus_per_worker": args.gpus_per_worker,
@@ -138,8 +150,8 @@ def fit_command(args) -> int:
         shown = h if len(h) <= 12 else [h[round(i * (len(h) - 1) / 11)] for i in range(12)]
         curve = " ".join(f"{int(e['epoch'])}:{e['loss']:.4f}" for e in shown)
         print(f"loss by epoch: {curve}{val}")
-    print(f"saved {s['run'].rstrip('/')}/backbone.pt and config.json; next: python -m train embed --run {s['run']} "
-          f"--catalog {args.catalog}")
+    print(f"normalization {s['norm']}; saved {s['run'].rstrip('/')}/model.safetensors, config.json, metrics.jsonl, "
+          f"loss_curve.png; next: python -m train probe --run {s['run']} --catalog {args.catalog}")
     return 0
 
 

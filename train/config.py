@@ -23,6 +23,8 @@ from train.losses import LOSS_NORMS, LossConfig
 from train.model import ModelConfig
 
 SCHEDULES = ("onecycle", "constant")
+FLAVOURS = ("debug", "small", "base")
+NORMS = ("auto", "per-tensor", "per-layer")  # train.data.NORMS
 
 
 @dataclass(frozen=True)
@@ -42,6 +44,13 @@ class TrainConfig:
     noise: float = 0.1  # σ of the multiplicative noise w·(1+σε)
     mask_prob: float = 0.1  # probability that a token's input is masked in a view
     loss_norm: str = "none"  # reconstruction normalization: none, layer or batch
+    stats_weight: float = 1.0  # weight of the statistics rows in the reconstruction loss
+    behaviour: float = 0.0  # weight of the behavioural loss (zoo architectures; train/behaviour.py); 0: off
+    behaviour_head: float = 1.0  # weight of the behaviour head's loss (model.behaviour_queries > 0)
+    norm: str = "auto"  # token normalization: per-layer (tensors line up), per-tensor (the wild), or auto
+    views: int = 4  # random windows (views) of every training model per epoch
+    permute: float = 1.0  # probability that a view permutes the hidden units of a permutable model
+    probe_seeds: int = 5  # hold out the test models of the probe's split seeds split_seed … split_seed + n − 1
     seed: int = 0
     holdout: bool = True  # hold out the models the probe validates and tests on
     split_seed: int = 0  # the probe's split seed (`train probe --seed`)
@@ -69,6 +78,12 @@ class TrainConfig:
             (self.noise >= 0, "noise must be >= 0"),
             (0 <= self.mask_prob < 1, "mask_prob must be in [0, 1)"),
             (self.loss_norm in LOSS_NORMS, f"loss_norm must be one of {', '.join(LOSS_NORMS)}"),
+            (self.stats_weight >= 0, "stats_weight must be >= 0"),
+            (self.behaviour >= 0 and self.behaviour_head >= 0, "behaviour and behaviour_head must be >= 0 (0: off)"),
+            (self.norm in NORMS, f"norm must be one of {', '.join(NORMS)}"),
+            (self.views >= 1, "views must be >= 1"),
+            (0 <= self.permute <= 1, "permute must be in [0, 1]"),
+            (self.probe_seeds >= 1, "probe_seeds must be >= 1"),
             (self.workers >= 1, "workers must be >= 1"),
             (self.cpus_per_worker >= 1, "cpus_per_worker must be >= 1"),
             (self.gpus_per_worker >= 0, "gpus_per_worker must be >= 0"),
@@ -84,12 +99,29 @@ class TrainConfig:
     @classmethod
     def debug(cls) -> TrainConfig:
         """The debug flavour: a tiny backbone, two epochs, a high learning rate; seconds on a CPU."""
-        return cls(model=ModelConfig.debug(), epochs=2, batch_size=16, lr=3e-3, warmup=0.2, cache_mb=256)
+        return cls(model=ModelConfig.debug(), epochs=2, batch_size=16, lr=3e-3, warmup=0.2, cache_mb=256, views=4)
+
+    @classmethod
+    def small(cls) -> TrainConfig:
+        """The CPU default (`train fit` with no flavour): a zoo of ~1,000 small checkpoints in minutes on 2 cores."""
+        return cls(model=ModelConfig.small(), epochs=12, batch_size=32, lr=1e-3, warmup=0.1, weight_decay=1e-4)
+
+    @classmethod
+    def base(cls) -> TrainConfig:
+        """What a GPU gets: SANE's CNN-zoo backbone (d_model 1024, 4 + 4 blocks)."""
+        return cls(model=ModelConfig(), epochs=50, batch_size=32, lr=1e-4)
+
+    @classmethod
+    def flavour(cls, name: str) -> TrainConfig:
+        if name not in FLAVOURS:
+            raise WildzooError(f"flavour must be one of {', '.join(FLAVOURS)}, got {name!r}")
+        return getattr(cls, name)()
 
     @property
     def loss(self) -> LossConfig:
         return LossConfig(gamma=self.gamma, tau=self.tau, noise=self.noise, mask_prob=self.mask_prob,
-                          norm=self.loss_norm)
+                          norm=self.loss_norm, stats_weight=self.stats_weight, behaviour=self.behaviour,
+                          behaviour_head=self.behaviour_head)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

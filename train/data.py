@@ -33,6 +33,7 @@ import logging
 from collections import defaultdict
 from collections.abc import Iterator
 from dataclasses import dataclass
+from dataclasses import field as dataclass_field
 
 import duckdb
 import numpy as np
@@ -72,8 +73,11 @@ def list_models(cat: Catalog) -> list[ModelRef]:
     return sorted(refs, key=lambda r: r.model_id)
 
 
-def split_models(cat: Catalog, refs: list[ModelRef], seed: int = 0) -> tuple[list[ModelRef], list[ModelRef]]:
-    """(train, held out): held out are the trained models the probe validates and tests on with `seed`.
+def split_models(cat: Catalog, refs: list[ModelRef], seeds: int | list[int] = 0,
+                 ) -> tuple[list[ModelRef], list[ModelRef]]:
+    """(train, held out): held out are the trained models on the test side of the probe's split for any
+    of `seeds` (`train.probe.group_split`), so `train probe --run --seeds …` scores every split on
+    models the backbone never saw. One seed holds out its validation side too (the published protocol).
 
     The probe scores the largest architecture group of the catalog (`train.features.load_population`);
     models outside it are never probed and all go to training.
@@ -85,34 +89,208 @@ def split_models(cat: Catalog, refs: list[ModelRef], seed: int = 0) -> tuple[lis
     if len(np.unique(pop.groups)) < 3:
         log.warning("only %d trained model(s): nothing held out", len(np.unique(pop.groups)))
         return list(refs), []
-    s = group_split(pop.groups, seed)
-    held = set(pop.groups[np.concatenate([s.val, s.test])].tolist())
+    seeds = [seeds] if isinstance(seeds, int) else list(seeds)
+    held: set[str] = set()
+    for seed in seeds:
+        s = group_split(pop.groups, seed)
+        side = np.concatenate([s.val, s.test]) if len(seeds) == 1 else s.test
+        held |= set(pop.groups[side].tolist())
     return [r for r in refs if r.group not in held], [r for r in refs if r.group in held]
+
+
+STAT_NAMES = ("asinh mean", "log std", "asinh q01", "asinh q25", "asinh q50", "asinh q75", "asinh q99",
+              "log rms", "sparsity", "bias asinh mean", "bias log std")
+N_STATS = len(STAT_NAMES)  # F: the statistics row every token carries (its tensor's s(W), compressed)
+NORMS = ("auto", "per-tensor", "per-layer")
+CLIP = 10.0  # normalized values beyond ±CLIP (diverged models) are clipped; their scale is in the statistics row
+LOG_FLOOR = -20.0  # log of a std or rms of 0 (a constant or all-zero tensor)
+
+
+def _log(x: np.ndarray) -> np.ndarray:
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return np.clip(np.log(np.where(x > 0, x, 0.0)), LOG_FLOOR, 30.0)
+
+
+def raw_stat_features(cols: dict[str, np.ndarray], bias: dict[str, np.ndarray] | None = None) -> np.ndarray:
+    """(n, F) compressed statistics of n tensors from their `tensors` columns (mean, std, q01…q99, l2,
+    n_params, sparsity); `bias` (mean, std of each one's packed bias, NaN where none) fills the last two.
+    Missing values become 0. asinh and log keep order and tame diverged models."""
+    n = len(cols["mean"])
+    rms = cols["l2"] / np.sqrt(np.maximum(cols["n_params"], 1))
+    parts = [np.arcsinh(cols["mean"]), _log(cols["std"]), *(np.arcsinh(cols[q]) for q in
+             ("q01", "q25", "q50", "q75", "q99")), _log(rms), cols["sparsity"]]
+    if bias is None:
+        parts += [np.zeros(n), np.zeros(n)]
+    else:
+        has = np.isfinite(bias["mean"])
+        parts += [np.where(has, np.arcsinh(np.nan_to_num(bias["mean"])), 0.0),
+                  np.where(has, _log(np.nan_to_num(bias["std"])), 0.0)]
+    return np.nan_to_num(np.stack(parts, axis=1), nan=0.0, posinf=0.0, neginf=0.0)
+
+
+@dataclass(frozen=True)
+class Normalizer:
+    """How token values are normalized when read (tokens store raw values) and how the statistics row is scaled.
+
+    - `per-tensor` (the wild: layers of different models do not line up): each tensor standardized with its
+      own mean and std; the scale survives only in the statistics row.
+    - `per-layer` (SANE's, for populations whose tensors line up by position and shape): every model's
+      tensor `i` standardized with the same μ and σ, medians over the training split (robust to diverged
+      models), so values keep their scale relative to the population.
+    In both, the statistics row (`STAT_NAMES`) is standardized per feature over the training split.
+    """
+
+    mode: str = "per-tensor"
+    layer: dict[int, tuple[float, float]] = dataclass_field(default_factory=dict)  # tensor_idx -> (μ, σ)
+    stats_mu: tuple[float, ...] = (0.0,) * N_STATS
+    stats_sd: tuple[float, ...] = (1.0,) * N_STATS
+
+    def to_dict(self) -> dict:
+        return {"mode": self.mode, "layer": {str(k): list(v) for k, v in self.layer.items()},
+                "stats_mu": list(self.stats_mu), "stats_sd": list(self.stats_sd)}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> Normalizer:
+        return cls(d["mode"], {int(k): (float(v[0]), float(v[1])) for k, v in d.get("layer", {}).items()},
+                   tuple(d["stats_mu"]), tuple(d["stats_sd"]))
+
+    def scale_stats(self, raw: np.ndarray) -> np.ndarray:
+        return ((raw - np.asarray(self.stats_mu)) / np.asarray(self.stats_sd)).astype(np.float32)
+
+    def unscale_stats(self, z: np.ndarray) -> np.ndarray:
+        return z * np.asarray(self.stats_sd) + np.asarray(self.stats_mu)
+
+
+_STAT_COLS = ("mean", "std", "q01", "q25", "q50", "q75", "q99", "l2", "n_params", "sparsity")
+
+
+def fit_normalizer(cat: Catalog, refs: list[ModelRef], mode: str = "auto") -> Normalizer:
+    """The normalization of `mode` fitted on the tensors of `refs` (the training split).
+
+    `auto` is `per-layer` when every model of `refs` has the same sequence of tensor shapes, else `per-tensor`.
+    """
+    if mode not in NORMS:
+        raise WildzooError(f"norm must be one of {', '.join(NORMS)}, got {mode!r}")
+    con = duckdb.connect(":memory:")
+    ten = pa.concat_tables([pq.read_table(p, filesystem=cat.fs, columns=["model_id", "tensor_idx", "shape",
+                                          "packed_into", *_STAT_COLS]) for p in cat.files("tensors")])
+    con.register("ten", ten)
+    con.register("chosen", pa.table({"model_id": [r.model_id for r in refs]}))
+    t = con.sql("""SELECT t.* FROM ten t JOIN chosen USING (model_id) ORDER BY model_id, tensor_idx""").to_arrow_table()
+    sigs = con.execute("""SELECT count(DISTINCT sig) FROM (SELECT string_agg(array_to_string(shape, 'x'), ','
+                      ORDER BY tensor_idx) AS sig FROM ten JOIN chosen USING (model_id) GROUP BY model_id)""").fetchone()[0]
+    aligned = sigs == 1
+    if mode == "auto":
+        mode = "per-layer" if aligned else "per-tensor"
+    elif mode == "per-layer" and not aligned:
+        raise WildzooError(f"norm per-layer needs models whose tensors line up (same shapes in the same order); "
+                           f"the training split holds {sigs} layouts: use per-tensor")
+    layer = {}
+    if mode == "per-layer":
+        rows = con.execute("""SELECT tensor_idx, median(mean), median(std) FILTER (std > 0) FROM ten JOIN chosen
+                              USING (model_id) WHERE std IS NOT NULL GROUP BY tensor_idx""").fetchall()
+        layer = {int(i): (float(m or 0.0), float(s) if s and s > 0 else 1.0) for i, m, s in rows}
+    con.close()
+    cols = {c: t.column(c).to_numpy(zero_copy_only=False).astype(np.float64) for c in _STAT_COLS}
+    raw = raw_stat_features(cols)
+    keep = np.isfinite(cols["std"])
+    raw = raw[keep] if keep.any() else raw
+    mu, sd = raw.mean(0), raw.std(0)
+    # the bias features reuse the weight's mean/std scaling (they are the same kind of number)
+    mu[9:], sd[9:] = mu[:2], sd[:2]
+    sd = np.where(sd > 1e-6, sd, 1.0)
+    log.info("normalization %s (%s)", mode, "tensors line up across models" if aligned else "layouts differ")
+    return Normalizer(mode, layer, tuple(float(x) for x in mu), tuple(float(x) for x in sd))
+
+
+@dataclass(frozen=True)
+class Layer:
+    """One layer of a permutable model, as row tokens: `rows` consecutive tokens from `start`, one per
+    output unit, each `width` weights then (with `bias`) the bias in column `width`."""
+
+    start: int
+    rows: int
+    width: int
+    bias: bool
+
+
+def permutation_plan(tensor_rows: list[dict], token_size: int) -> list[Layer] | None:
+    """The layer chain of a model whose hidden units can be permuted, or None.
+
+    Permutable: row tokens with one token per row, every tokenized tensor a ≥2-D weight (its bias packed
+    into it), consecutive in token order, and each layer's row a whole number of blocks per output unit
+    of the layer before (conv [out, in, kh, kw] rows, and linear layers after a channel-major flatten).
+    That is the zoo's CNNs and MLPs; anything else (norms, attention, unpacked 1-D tensors) is not.
+    """
+    packed = {r["packed_into"] for r in tensor_rows if r.get("packed_into") is not None}
+    layers = []
+    for r in sorted((r for r in tensor_rows if r.get("n_tokens")), key=lambda r: r["token_start"]):
+        shape = list(r["shape"])
+        if len(shape) < 2:
+            return None
+        width = int(np.prod(shape[1:]))
+        bias = r["tensor_idx"] in packed
+        if r["n_tokens"] != shape[0] or width + bias > token_size:
+            return None
+        if layers and r["token_start"] != layers[-1].start + layers[-1].rows:
+            return None
+        layers.append(Layer(int(r["token_start"]), int(shape[0]), width, bias))
+    if len(layers) < 2 or any(b.width % a.rows for a, b in zip(layers, layers[1:], strict=False)):
+        return None
+    return layers
+
+
+def permute_index(plan: list[Layer], token_size: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """A random permutation of every hidden layer's units, as a gather over the model's tokens:
+    (source token (T,), source column (T, S)); `values[src_tok[:, None], src_col]` is the permuted model,
+    which computes the same function (output units and inputs stay in place)."""
+    n_tok = plan[-1].start + plan[-1].rows
+    src_tok = np.arange(n_tok)
+    src_col = np.broadcast_to(np.arange(token_size), (n_tok, token_size)).copy()
+    prev: np.ndarray | None = None  # the permutation of the previous layer's units
+    for i, layer in enumerate(plan):
+        perm = rng.permutation(layer.rows) if i < len(plan) - 1 else np.arange(layer.rows)
+        rows = slice(layer.start, layer.start + layer.rows)
+        src_tok[rows] = layer.start + perm
+        if prev is not None:
+            block = layer.width // len(prev)
+            j = np.arange(layer.width)
+            src_col[rows, : layer.width] = prev[j // block] * block + j % block
+        prev = perm
+    return src_tok, src_col
 
 
 @dataclass
 class Tokens:
-    """Standardized tokens of several models, concatenated in (model, token_idx) order."""
+    """Normalized tokens of several models, concatenated in (model, token_idx) order."""
 
     model_ids: list[str]
     offsets: np.ndarray  # (M + 1,) where each model's tokens start; the last entry is N
-    values: np.ndarray  # (N, S) float32, standardized, padding zeroed
+    values: np.ndarray  # (N, S) float32, normalized, padding zeroed
     n_valid: np.ndarray  # (N,) int64
     n: np.ndarray  # (N,) int64 token index within its model
     l: np.ndarray  # noqa: E741 (N,) int64 layer index
     k: np.ndarray  # (N,) int64 row index
     role: np.ndarray  # (N,) int64 index into catalog.roles.ROLES
-    stats: np.ndarray  # (N, 2) float32: asinh(mean) and log(std) of the token's tensor
+    stats: np.ndarray  # (N, F) float32: the token's tensor statistics row, standardized
+    mu: np.ndarray  # (N,) float32: value = (raw − mu) / sd for the token's weights ...
+    sd: np.ndarray
+    bmu: np.ndarray  # ... and (raw − bmu) / bsd for its packed bias column, where has_bias
+    bsd: np.ndarray
+    has_bias: np.ndarray  # (N,) bool: entry n_valid − 1 is a packed bias
+    plans: list[list[Layer] | None] = dataclass_field(default_factory=list)  # per model: permutable layers
+    arch: np.ndarray | None = None  # (M,) int64 per model: index of its known architecture (−1: none)
 
     @property
     def lengths(self) -> np.ndarray:
         return np.diff(self.offsets)
 
-    def windows(self, window: int, rng: np.random.Generator | None = None) -> tuple[np.ndarray, np.ndarray]:
-        """(model index, start) of ceil(T/window) windows per model of T tokens.
+    def windows(self, window: int, rng: np.random.Generator | None = None, views: int = 1) -> tuple[np.ndarray, np.ndarray]:
+        """(model index, start) of `views` × ceil(T/window) windows per model of T tokens.
 
-        With `rng`, starts are uniform in [0, T − window] (training); without, the windows tile the
-        model exactly, the last one padded (embedding: every token counted once).
+        With `rng`, starts are uniform in [0, T − window] (training; a model that fits in one window
+        always starts at 0); without, the windows tile the model exactly, the last one padded
+        (embedding: every token counted once).
         """
         lengths = self.lengths
         count = np.maximum(1, -(-lengths // window))
@@ -121,42 +299,83 @@ class Tokens:
             first = np.repeat(np.cumsum(count) - count, count)
             start = (np.arange(len(model)) - first) * window
         else:
+            model = np.tile(model, views)
             start = rng.integers(0, np.maximum(lengths - window, 0)[model] + 1)
         return model, start
 
-    def batch(self, model: np.ndarray, start: np.ndarray, window: int) -> BatchArrays:
-        """Arrays of windows (B, T, ...) at (model index, start); positions past a model's end are padding."""
+    def batch(self, model: np.ndarray, start: np.ndarray, window: int,
+              rng: np.random.Generator | None = None, permute: float = 0.0) -> BatchArrays:
+        """Arrays of windows (B, T, ...) at (model index, start); positions past a model's end are padding.
+
+        With `rng` and `permute` > 0, adds `values2`: a second view of each window in which, with
+        probability `permute`, the hidden units of a permutable model that fits the window are
+        permuted (and `values` itself permuted independently): the same function, other weights.
+        """
         idx = self.offsets[model][:, None] + start[:, None] + np.arange(window)  # (B, T)
         real = idx < self.offsets[model + 1][:, None]
         idx = np.where(real, idx, 0)
-        out = {"values": self.values[idx] * real[..., None], "stats": self.stats[idx] * real[..., None]}
-        for name in ("n_valid", "n", "l", "k", "role"):
+        out = {"stats": self.stats[idx] * real[..., None]}
+        for name in ("n_valid", "n", "l", "k", "role", "mu", "bmu"):
             out[name] = np.where(real, getattr(self, name)[idx], 0)
+        out["has_bias"] = real & self.has_bias[idx]
+        for name in ("sd", "bsd"):
+            out[name] = np.where(real, getattr(self, name)[idx], 1).astype(np.float32)
+        # a window holding a whole model of a known architecture can be rebuilt and run (behavioural loss)
+        whole = (start == 0) & (self.lengths[model] <= window)
+        arch = self.arch if self.arch is not None else np.full(len(self.model_ids), -1)
+        out["arch"] = np.where(whole, arch[model], -1).astype(np.int64)
+        if rng is None or permute <= 0:
+            out["values"] = self.values[idx] * real[..., None]
+            return out
+        S = self.values.shape[1]
+        for key in ("values", "values2"):
+            tok = idx.copy()
+            col = np.broadcast_to(np.arange(S), (*idx.shape, S)).copy()
+            for b in np.flatnonzero((start == 0) & (rng.random(len(model)) < permute)):
+                plan = self.plans[model[b]] if self.plans else None
+                if plan is None or self.lengths[model[b]] > window:
+                    continue
+                src_tok, src_col = permute_index(plan, S, rng)
+                n = len(src_tok)
+                tok[b, :n] = self.offsets[model[b]] + src_tok
+                col[b, :n] = src_col
+            out[key] = self.values[tok[..., None], col] * real[..., None]
         return out
 
 
-def read_tokens(cat: Catalog, shard: str, model_ids: list[str]) -> Tokens:
-    """The tokens of `model_ids` (all in `shard`), joined with their tensors' role and statistics."""
+def read_tokens(cat: Catalog, shard: str, model_ids: list[str], norm: Normalizer | None = None) -> Tokens:
+    """The tokens of `model_ids` (all in `shard`), normalized, with their tensors' role and statistics."""
+    norm = norm or Normalizer()
     wanted = [("model_id", "in", list(model_ids))]
     tok = pq.read_table(f"{cat.root}/tokens/{shard}.parquet", filesystem=cat.fs, filters=wanted,
                         columns=["model_id", "token_idx", "tensor_idx", "layer_idx", "row_idx", "values", "n_valid"])
     ten = pq.read_table(f"{cat.root}/tensors/{shard}.parquet", filesystem=cat.fs, filters=wanted,
-                        columns=["model_id", "tensor_idx", "role", "norm_mean", "norm_std", "packed_into"])
+                        columns=["model_id", "tensor_idx", "role", "shape", "token_start", "n_tokens",
+                                 "packed_into", "norm_mean", "norm_std", *_STAT_COLS])
     con = duckdb.connect(":memory:")
     con.register("tok", tok)
     con.register("ten", ten)
+    stat_cols = ", ".join(f"w.{c} AS s_{c}" for c in _STAT_COLS)
     # b: the bias that row tokenization packs into the last column of this tensor's rows, if any
     t = con.sql(
-        """SELECT tok.model_id, token_idx, tok.tensor_idx, layer_idx, row_idx, n_valid, "values",
-                  coalesce(w.role, 'other') AS role, w.norm_mean, w.norm_std,
-                  b.norm_mean AS bias_mean, b.norm_std AS bias_std
+        f"""SELECT tok.model_id, token_idx, tok.tensor_idx, layer_idx, row_idx, n_valid, "values",
+                  coalesce(w.role, 'other') AS role, w.norm_mean, w.norm_std, {stat_cols},
+                  b.tensor_idx AS bias_idx, b.norm_mean AS bias_mean, b.norm_std AS bias_std
            FROM tok
            LEFT JOIN ten w ON w.model_id = tok.model_id AND w.tensor_idx = tok.tensor_idx
            LEFT JOIN ten b ON b.model_id = tok.model_id AND b.packed_into = tok.tensor_idx
            ORDER BY tok.model_id, token_idx"""
     ).to_arrow_table()
     con.close()
-    return _standardize(t, cat.spec.token_size)
+    tokens = _normalize(t, cat.spec.token_size, norm)
+    if cat.spec.tokenization == "row":
+        by_model: dict[str, list[dict]] = defaultdict(list)
+        for r in ten.select(["model_id", "tensor_idx", "shape", "token_start", "n_tokens", "packed_into"]).to_pylist():
+            by_model[r["model_id"]].append(r)
+        tokens.plans = [permutation_plan(by_model[m], cat.spec.token_size) for m in tokens.model_ids]
+    else:
+        tokens.plans = [None] * len(tokens.model_ids)
+    return tokens
 
 
 def _stat(t: pa.Table, name: str, default: float) -> np.ndarray:
@@ -165,8 +384,20 @@ def _stat(t: pa.Table, name: str, default: float) -> np.ndarray:
     return np.where(bad, default, x).astype(np.float32)
 
 
-def _standardize(t: pa.Table, token_size: int) -> Tokens:
-    """Tokens from the joined table: every entry standardized with its own tensor's statistics."""
+def _center_scale(t: pa.Table, norm: Normalizer, idx_col: str, mean_col: str, std_col: str) -> tuple[np.ndarray, np.ndarray]:
+    """(μ, σ) per token row: the tensor's own (per-tensor) or its layer's over the population (per-layer)."""
+    if norm.mode == "per-layer":
+        idx = t.column(idx_col).to_numpy(zero_copy_only=False)
+        idx = np.where(np.isfinite(idx.astype(np.float64)), idx, -1).astype(np.int64)
+        table = norm.layer
+        mu = np.array([table.get(int(i), (0.0, 1.0))[0] for i in idx], dtype=np.float32)
+        sd = np.array([table.get(int(i), (0.0, 1.0))[1] for i in idx], dtype=np.float32)
+        return mu, sd
+    return _stat(t, mean_col, 0.0), _stat(t, std_col, 1.0)
+
+
+def _normalize(t: pa.Table, token_size: int, norm: Normalizer) -> Tokens:
+    """Tokens from the joined table: every entry normalized as `norm` says, its statistics row attached."""
     ids = t.column("model_id").to_numpy(zero_copy_only=False)
     change = np.flatnonzero(ids[1:] != ids[:-1]) + 1 if len(ids) else np.array([], dtype=np.int64)
     offsets = np.concatenate([[0], change, [len(ids)]]).astype(np.int64)
@@ -175,8 +406,8 @@ def _standardize(t: pa.Table, token_size: int) -> Tokens:
     raw = flat.astype(np.float32, copy=False).reshape(len(ids), token_size)
     n_valid = t.column("n_valid").to_numpy().astype(np.int64)
     real = np.arange(token_size) < n_valid[:, None]  # (N, S)
-    mean, std = _stat(t, "norm_mean", 0.0), _stat(t, "norm_std", 1.0)
-    values = np.where(real, (raw - mean[:, None]) / std[:, None], 0.0).astype(np.float32)
+    mean, std = _center_scale(t, norm, "tensor_idx", "norm_mean", "norm_std")
+    values = np.where(real, (raw - mean[:, None]) / std[:, None], 0.0)
 
     def col(name: str) -> np.ndarray:
         return t.column(name).to_numpy().astype(np.int64)
@@ -187,23 +418,40 @@ def _standardize(t: pa.Table, token_size: int) -> Tokens:
     last_of_row = np.ones(len(ids), dtype=bool)
     last_of_row[:-1] = (tensor[1:] != tensor[:-1]) | (row[1:] != row[:-1]) | (ids[1:] != ids[:-1])
     at = np.flatnonzero(carries & last_of_row & (n_valid > 0))
+    bmu, bsd = np.zeros(len(ids), np.float32), np.ones(len(ids), np.float32)
     if len(at):
         j = n_valid[at] - 1
-        bias_mean, bias_std = _stat(t, "bias_mean", 0.0), _stat(t, "bias_std", 1.0)
-        values[at, j] = (raw[at, j] - bias_mean[at]) / bias_std[at]
+        bias_mean, bias_std = _center_scale(t.take(pa.array(at)), norm, "bias_idx", "bias_mean", "bias_std")
+        values[at, j] = (raw[at, j] - bias_mean) / bias_std
+        bmu[at], bsd[at] = bias_mean, bias_std
+    has_bias = np.zeros(len(ids), dtype=bool)
+    has_bias[at] = True
+    values = np.clip(values, -CLIP, CLIP).astype(np.float32)
     roles = t.column("role").to_pylist()
     role = np.array([ROLE_INDEX.get(r, OTHER_ROLE) for r in roles], dtype=np.int64)
-    # what standardizing removes, kept as features: the scale tells diverged and untrained models apart
-    stats = np.stack([np.arcsinh(mean), np.log(std)], axis=1).astype(np.float32)
-    return Tokens(model_ids, offsets, values, n_valid, col("token_idx"), col("layer_idx"), row, role, stats)
+    # what normalizing takes away, kept as an input and a target: the scale tells diverged and untrained models apart
+    cols = {c: t.column(f"s_{c}").to_numpy(zero_copy_only=False).astype(np.float64) for c in _STAT_COLS}
+    bias = {"mean": np.where(carries, t.column("bias_mean").to_numpy(zero_copy_only=False).astype(np.float64), np.nan),
+            "std": np.where(carries, t.column("bias_std").to_numpy(zero_copy_only=False).astype(np.float64), np.nan)}
+    stats = norm.scale_stats(raw_stat_features(cols, bias))
+    return Tokens(model_ids, offsets, values, n_valid, col("token_idx"), col("layer_idx"), row, role, stats,
+                  mean, std, bmu, bsd, has_bias)
 
 
-def read_models(cat: Catalog, refs: list[ModelRef]) -> Tokens:
-    """The tokens of `refs` from however many shards hold them, in model_id order."""
+def read_models(cat: Catalog, refs: list[ModelRef], norm: Normalizer | None = None,
+                archs: dict[str, int] | None = None) -> Tokens:
+    """The tokens of `refs` from however many shards hold them, in model_id order; `archs` gives each
+    model's architecture index (models not in it: −1)."""
+    tokens = _read_models(cat, refs, norm)
+    tokens.arch = np.array([(archs or {}).get(m, -1) for m in tokens.model_ids], dtype=np.int64)
+    return tokens
+
+
+def _read_models(cat: Catalog, refs: list[ModelRef], norm: Normalizer | None = None) -> Tokens:
     by_shard: dict[str, list[str]] = defaultdict(list)
     for r in refs:
         by_shard[r.shard].append(r.model_id)
-    parts = [read_tokens(cat, shard, ids) for shard, ids in sorted(by_shard.items())]
+    parts = [read_tokens(cat, shard, ids, norm) for shard, ids in sorted(by_shard.items())]
     if len(parts) == 1:
         return parts[0]
     ids = [m for p in parts for m in p.model_ids]
@@ -212,9 +460,10 @@ def read_models(cat: Catalog, refs: list[ModelRef]) -> Tokens:
     order = sorted(range(len(ids)), key=ids.__getitem__)
     idx = np.concatenate([np.arange(starts[i], starts[i] + lengths[i]) for i in order])
     cat_ = {name: np.concatenate([getattr(p, name) for p in parts])[idx]
-            for name in ("values", "n_valid", "n", "l", "k", "role", "stats")}
+            for name in ("values", "n_valid", "n", "l", "k", "role", "stats", "mu", "sd", "bmu", "bsd", "has_bias")}
     offsets = np.concatenate([[0], np.cumsum(lengths[order])]).astype(np.int64)
-    return Tokens([ids[i] for i in order], offsets, **cat_)
+    plans = [pl for p in parts for pl in p.plans]
+    return Tokens([ids[i] for i in order], offsets, **cat_, plans=[plans[i] for i in order])
 
 
 def _bases(parts: list[Tokens]) -> list[int]:
@@ -267,12 +516,15 @@ class WindowStream:
     """One rank's training windows, epoch after epoch; every rank yields the same number of batches."""
 
     def __init__(self, cat: Catalog, refs: list[ModelRef], window: int, batch_size: int, rank: int = 0,
-                 world: int = 1, seed: int = 0, chunk_tokens: int = 1 << 16, cache_tokens: int = 1 << 20) -> None:
+                 world: int = 1, seed: int = 0, chunk_tokens: int = 1 << 16, cache_tokens: int = 1 << 20,
+                 norm: Normalizer | None = None, views: int = 1, permute: float = 0.0,
+                 archs: dict[str, int] | None = None) -> None:
         per_rank = assign_ranks(refs, world, window)
-        counts = [sum(n_windows(r, window) for r in rs) for rs in per_rank]
+        counts = [views * sum(n_windows(r, window) for r in rs) for rs in per_rank]
         if min(counts) == 0:
             raise WildzooError(f"{len(refs)} model(s) cannot feed {world} workers: use fewer workers")
         self.cat, self.window, self.batch_size, self.rank, self.seed = cat, window, batch_size, rank, seed
+        self.norm, self.views, self.permute, self.archs = norm, views, permute, archs
         self.refs = per_rank[rank]
         self.windows_per_rank = counts
         self.steps = max(1, min(counts) // batch_size)
@@ -284,7 +536,7 @@ class WindowStream:
     def _tokens(self, i: int) -> Tokens:
         if self.cache is not None and i in self.cache:
             return self.cache[i]
-        tokens = read_models(self.cat, self.chunks[i])
+        tokens = read_models(self.cat, self.chunks[i], self.norm, self.archs)
         if self.cache is not None:
             self.cache[i] = tokens
         return tokens
@@ -296,8 +548,8 @@ class WindowStream:
         emitted = 0
         for i in rng.permutation(len(self.chunks)):
             tokens = self._tokens(int(i))
-            model, start = tokens.windows(self.window, rng)
-            arrays = tokens.batch(model, start, self.window)
+            model, start = tokens.windows(self.window, rng, self.views)
+            arrays = tokens.batch(model, start, self.window, rng, self.permute)
             if leftover is not None:
                 arrays = {k: np.concatenate([leftover[k], v]) for k, v in arrays.items()}
             order = rng.permutation(len(arrays["values"]))
@@ -314,10 +566,11 @@ class WindowStream:
 
 
 def tiled_batches(cat: Catalog, refs: list[ModelRef], window: int, batch_size: int,
-                  chunk_tokens: int = 1 << 16) -> Iterator[tuple[list[str], np.ndarray, BatchArrays]]:
+                  chunk_tokens: int = 1 << 16, norm: Normalizer | None = None, archs: dict[str, int] | None = None,
+                  ) -> Iterator[tuple[list[str], np.ndarray, BatchArrays]]:
     """Every token of every model exactly once: (model ids of the chunk, model index per window, batch)."""
     for chunk in chunks(refs, chunk_tokens):
-        tokens = read_models(cat, chunk)
+        tokens = read_models(cat, chunk, norm, archs)
         model, start = tokens.windows(window)
         for b in range(0, len(model), batch_size):
             m, s = model[b: b + batch_size], start[b: b + batch_size]

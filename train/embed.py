@@ -1,11 +1,13 @@
 """`train embed`: every ok model of a catalog embedded by a run's backbone, into `embeddings/`.
 
-A model's embedding is the mean of its token latents over all its tokens: the model is tiled with
-non-overlapping windows (the last one padded), each window encoded, and the latents of real tokens
-summed per model and divided by its token count — so a model's embedding does not depend on how its
-windows fall into batches. The table `embeddings/<run_id>.parquet` (model_id, run, embedding,
-epoch, created_at) is written whole under a temporary name and renamed, replacing an older
-embedding by the same run.
+A model is tiled with non-overlapping windows (the last one padded), each window encoded, and its
+token latents pooled per layer group: the model's layers are cut into K groups by depth
+(K = min(layers, MAX_DIMS // d_latent)) and the latents of each group averaged, then concatenated
+(`embedding`, K·d_latent values: layers stay apart, as probes need), next to the plain mean of every
+token latent (`embedding_mean`, for comparison). Sums are per model, so an embedding does not depend
+on how windows fall into batches. The table `embeddings/<run_id>.parquet` (model_id, run, embedding,
+embedding_mean, epoch, created_at) is written whole under a temporary name and renamed, replacing an
+older embedding by the same run; it joins `models` on model_id in SQL.
 """
 
 from __future__ import annotations
@@ -23,12 +25,13 @@ from catalog.errors import WildzooError
 from catalog.query import connect
 from catalog.store import Catalog
 from train.config import TrainConfig
-from train.data import ModelRef, list_models, tiled_batches
+from train.data import ModelRef, Normalizer, list_models, tiled_batches
 from train.fit import to_device
 from train.model import Backbone
 from train.run import RunDir
 
 log = logging.getLogger(__name__)
+MAX_DIMS = 1000  # per-layer embeddings stay small enough for gradient-boosted trees
 
 
 def load_backbone(run: RunDir, device: torch.device | str = "cpu") -> tuple[Backbone, dict[str, Any]]:
@@ -43,29 +46,47 @@ def load_backbone(run: RunDir, device: torch.device | str = "cpu") -> tuple[Back
     return model.to(device).eval(), meta
 
 
+def layer_counts(cat: Catalog, refs: list[ModelRef]) -> np.ndarray:
+    """Layers (1 + the largest layer_idx holding tokens) of each model of `refs`."""
+    con = connect(cat, tables=("tensors",))
+    rows = dict(con.execute("SELECT model_id, max(layer_idx) + 1 FROM tensors WHERE n_tokens > 0 GROUP BY model_id")
+                .fetchall())
+    return np.array([max(1, int(rows.get(r.model_id) or 1)) for r in refs], dtype=np.int64)
+
+
 @torch.no_grad()
 def embed_models(model: Backbone, cat: Catalog, refs: list[ModelRef], batch_size: int = 256,
-                 device: torch.device | str = "cpu") -> np.ndarray:
-    """(len(refs), d_latent) float32: the mean token latent of each model, in the order of `refs`."""
+                 device: torch.device | str = "cpu", norm: Normalizer | None = None,
+                 ) -> tuple[np.ndarray, np.ndarray]:
+    """(per-layer (len(refs), K·d_latent), mean (len(refs), d_latent)) float32, rows in the order of `refs`."""
     pos = {r.model_id: i for i, r in enumerate(refs)}
-    sums = np.zeros((len(refs), model.cfg.d_latent), dtype=np.float64)
-    counts = np.zeros(len(refs), dtype=np.int64)
+    n_layers = layer_counts(cat, refs)
+    K = max(1, min(int(n_layers.max()), MAX_DIMS // model.cfg.d_latent))
+    L = model.cfg.d_latent
+    sums = np.zeros((len(refs), K, L), dtype=np.float64)
+    counts = np.zeros((len(refs), K), dtype=np.int64)
     done = 0
     t0 = time.time()
-    for ids, which, arrays in tiled_batches(cat, refs, model.cfg.window, batch_size):
+    for ids, which, arrays in tiled_batches(cat, refs, model.cfg.window, batch_size, norm=norm):
         batch = to_device(arrays, torch.device(device))
-        keep = (batch["n_valid"] > 0)[..., None]  # (B, T, 1)
-        per_window = (model.encode(batch) * keep).sum(1).double().cpu().numpy()  # (B, L)
-        rows = np.array([pos[ids[m]] for m in which])
-        np.add.at(sums, rows, per_window)
-        np.add.at(counts, rows, keep.sum((1, 2)).cpu().numpy())
+        keep = (arrays["n_valid"] > 0)  # (B, T)
+        latent = model.encode(batch).double().cpu().numpy()  # (B, T, L)
+        rows = np.array([pos[ids[m]] for m in which])  # (B,)
+        group = np.minimum(arrays["l"] * K // n_layers[rows][:, None], K - 1)  # (B, T)
+        b, t = np.nonzero(keep)
+        np.add.at(sums, (rows[b], group[b, t]), latent[b, t])
+        np.add.at(counts, (rows[b], group[b, t]), 1)
         done += len(rows)
         if time.time() - t0 > 10:
             log.info("embedded %d windows", done)
             t0 = time.time()
-    if (counts == 0).any():
-        raise WildzooError(f"{int((counts == 0).sum())} model(s) had no tokens to embed")
-    return (sums / counts[:, None]).astype(np.float32)
+    total = counts.sum(1)
+    if (total == 0).any():
+        raise WildzooError(f"{int((total == 0).sum())} model(s) had no tokens to embed")
+    mean = sums.sum(1) / total[:, None]
+    # a group with no tokens (a model with fewer layers than K) repeats the model's mean
+    per_layer = np.where(counts[..., None] > 0, sums / np.maximum(counts, 1)[..., None], mean[:, None, :])
+    return per_layer.reshape(len(refs), K * L).astype(np.float32), mean.astype(np.float32)
 
 
 def embed(catalog: str | Catalog, run_uri: str, batch_size: int = 256) -> dict[str, Any]:
@@ -81,12 +102,14 @@ def embed(catalog: str | Catalog, run_uri: str, batch_size: int = 256) -> dict[s
     refs = list_models(cat)
     if not refs:
         raise WildzooError(f"catalog {cat.uri} has no ok models with tokens to embed")
-    emb = embed_models(model, cat, refs, batch_size, device)
+    norm = Normalizer.from_dict(meta["norm"]) if "norm" in meta else None
+    emb, emb_mean = embed_models(model, cat, refs, batch_size, device, norm)
     now = dt.datetime.now(dt.timezone.utc)
     table = pa.table({
         "model_id": [r.model_id for r in refs],
         "run": [meta["run_id"]] * len(refs),
         "embedding": pa.array(list(emb), type=pa.list_(pa.float32())),
+        "embedding_mean": pa.array(list(emb_mean), type=pa.list_(pa.float32())),
         "epoch": [int(meta.get("epochs_trained", 0))] * len(refs),
         "created_at": [now.replace(microsecond=now.microsecond // 1000 * 1000)] * len(refs),
     })
@@ -95,16 +118,20 @@ def embed(catalog: str | Catalog, run_uri: str, batch_size: int = 256) -> dict[s
             "epoch": int(meta.get("epochs_trained", 0)), "seconds": time.time() - t0}
 
 
-def run_embeddings(cat: Catalog, run_uri: str, model_ids: list[str], auto: bool = True) -> np.ndarray:
-    """Embeddings of `model_ids` (rows in that order) by the run; embeds the catalog first where they are
-    missing or older than the run's last epoch (with `auto`), else a clear error."""
+def run_embeddings(cat: Catalog, run_uri: str, model_ids: list[str], auto: bool = True,
+                   column: str = "embedding") -> np.ndarray:
+    """Embeddings (`column`: embedding or embedding_mean) of `model_ids` (rows in that order) by the run;
+    embeds the catalog first where they are missing or older than the run's last epoch (with `auto`), else
+    a clear error."""
     run = RunDir.at(run_uri)
     meta = run.meta()
     run_id, epochs = meta["run_id"], int(meta.get("epochs_trained", 0))
 
     def load() -> dict[str, np.ndarray] | None:
-        rows = connect(cat, tables=("embeddings",)).execute(
-            "SELECT model_id, embedding, epoch FROM embeddings WHERE run = ?", [run_id]).fetchall()
+        con = connect(cat, tables=("embeddings",))
+        if column not in [c[0] for c in con.execute("DESCRIBE embeddings").fetchall()]:
+            return None  # written by an older version: embed again
+        rows = con.execute(f"SELECT model_id, {column}, epoch FROM embeddings WHERE run = ?", [run_id]).fetchall()
         found = {m: np.asarray(e, dtype=np.float64) for m, e, ep in rows if ep == epochs}
         return found if all(m in found for m in model_ids) else None
 

@@ -33,31 +33,40 @@ def categorical_targets(pop: Population) -> dict[str, np.ndarray]:
     return out
 
 
-def feature_sets(cat: Catalog, pop: Population, embeddings: np.ndarray | None = None) -> dict[str, np.ndarray]:
+def feature_sets(cat: Catalog, pop: Population, embeddings: dict[str, np.ndarray] | np.ndarray | None = None,
+                 ) -> dict[str, np.ndarray]:
+    """s(W), W (small models), and with a run's embeddings: `backbone` (per-layer pooled), `backbone-mean`
+    and `combined` (backbone ⊕ s(W))."""
     sets = {"s(W)": stats_features(cat, pop.model_ids)}
     w = weight_features(cat, pop.model_ids)
     if w is not None:
         sets["W"] = w
-    if embeddings is not None:
-        sets["backbone"] = embeddings
+    if isinstance(embeddings, np.ndarray):
+        embeddings = {"backbone": embeddings}
+    for name, x in (embeddings or {}).items():
+        sets[name] = x
+    if embeddings and "backbone" in embeddings:
+        sets["combined"] = np.concatenate([embeddings["backbone"], sets["s(W)"]], axis=1)
     return sets
 
 
-def run_probe(cat: Catalog, seed: int = 0, embeddings: np.ndarray | None = None,
-              pop: Population | None = None) -> tuple[list[dict], dict]:
-    """Score every feature set and head; returns (results, predictions for plots)."""
+def run_probe(cat: Catalog, seed: int = 0, embeddings: dict[str, np.ndarray] | np.ndarray | None = None,
+              pop: Population | None = None, sets: dict[str, np.ndarray] | None = None,
+              categorical: bool = True) -> tuple[list[dict], dict]:
+    """Score every feature set and head on the split of `seed` (hyperparameters too with `categorical`);
+    returns (results, predictions for plots)."""
     pop = pop or load_population(cat)
     if pop.dropped:
         log.info("probing the %d models of the most common architecture (%d others left out)",
                  len(pop.model_ids), pop.dropped)
     targets = {k: pop.numeric[k] for k in NUMERIC_TARGETS if k in pop.numeric}
-    classes = categorical_targets(pop)
-    if not targets and not classes:
+    classes = categorical_targets(pop) if categorical else {}
+    if not targets and not classes and categorical:
         raise WildzooError("no properties to predict in this catalog (crawl a model zoo: python -m crawl zoo)")
     split = probe.group_split(pop.groups, seed)
     if min(len(split.train), len(split.val), len(split.test)) < 2:
         raise WildzooError(f"too few trained models ({len(np.unique(pop.groups))}) for a 70/15/15 split")
-    sets = feature_sets(cat, pop, embeddings)
+    sets = sets or feature_sets(cat, pop, embeddings)
     results, preds = [], {"true": {}, "pred": {}}
     for name, y in targets.items():
         ok = np.isfinite(y)
@@ -74,19 +83,73 @@ def run_probe(cat: Catalog, seed: int = 0, embeddings: np.ndarray | None = None,
                 r2, pred = fn()
                 method = f"{fname} {head}"
                 results.append({"property": name, "method": method, "metric": "R2", "value": r2,
-                                "n_test": int(len(s.test))})
+                                "n_test": int(len(s.test)), "seed": seed})
                 preds["pred"].setdefault(name, {})[method] = pred
     for name, labels in classes.items():
         for fname, x in sets.items():
             for head in ("logistic", "trees"):
-                if head == "trees" and x.shape[1] > 1000:
+                if x.shape[1] > 1000:  # W: trees do not scale to it, and its logistic head costs minutes
                     continue
                 acc = probe.classify_probe(x, labels, split, head, seed)
                 results.append({"property": name, "method": f"{fname} {head}", "metric": "accuracy",
-                                "value": acc, "n_test": int(len(split.test))})
+                                "value": acc, "n_test": int(len(split.test)), "seed": seed})
     preds["features"] = sets["s(W)"]
     preds["color"] = pop.numeric.get("test_acc")
     return results, preds
+
+
+def run_probes(cat: Catalog, seeds: list[int], embeddings: dict[str, np.ndarray] | None = None,
+               pop: Population | None = None) -> tuple[list[dict], dict]:
+    """`run_probe` on each split seed (the same splits for every method: paired); returns (results of every
+    seed, predictions of the first seed). Hyperparameters (classification) are scored on the first seed only:
+    the trees of every class cost minutes per seed."""
+    pop = pop or load_population(cat)
+    sets = feature_sets(cat, pop, embeddings)
+    results, first = [], None
+    for seed in seeds:
+        log.info("probing split seed %d", seed)
+        r, preds = run_probe(cat, seed, pop=pop, sets=sets, categorical=seed == seeds[0])
+        results += r
+        first = first or preds
+    return results, first
+
+
+def summarize(results: list[dict], baseline: str = "s(W) trees") -> list[dict]:
+    """Per property and method: mean, sd and n over seeds, and on how many seeds it beat `baseline`."""
+    by: dict[tuple, dict[int, float]] = {}
+    for r in results:
+        by.setdefault((r["property"], r["metric"], r["method"]), {})[r.get("seed", 0)] = r["value"]
+    out = []
+    for (prop, metric, method), vals in by.items():
+        base = by.get((prop, metric, baseline), {})
+        v = np.array(list(vals.values()))
+        wins = sum(1 for sd, x in vals.items() if sd in base and x > base[sd])
+        out.append({"property": prop, "metric": metric, "method": method, "mean": float(v.mean()),
+                    "sd": float(v.std(ddof=1)) if len(v) > 1 else 0.0, "n": len(v),
+                    "wins": wins if method != baseline else None})
+    return out
+
+
+def format_summary(summary: list[dict], methods: list[str] | None = None) -> str:
+    """A method × property table of mean ± sd over seeds, with (wins/n) against s(W) trees."""
+    methods = methods or list(dict.fromkeys(r["method"] for r in summary))
+    props = list(dict.fromkeys((r["property"], r["metric"]) for r in summary))
+    cell = {(r["property"], r["metric"], r["method"]): r for r in summary}
+
+    def fmt(r: dict | None) -> str:
+        if r is None:
+            return "-"
+        text = f"{r['mean']:.3f} ± {r['sd']:.3f}"
+        return text + (f" ({r['wins']}/{r['n']})" if r["wins"] is not None and r["n"] > 1 else "")
+
+    rows = [[fmt(cell.get((p, m, meth))) for p, m in props] for meth in methods]
+    width = max(18, *(len(c) for row in rows for c in row))
+    mw = max(12, *(len(m) for m in methods))
+    head = [f"{p} ({'R²' if m == 'R2' else m})" for p, m in props]
+    lines = [f"{'method':{mw}s} " + " ".join(f"{h:>{max(width, len(h))}s}" for h in head)]
+    for meth, row in zip(methods, rows, strict=True):
+        lines.append(f"{meth:{mw}s} " + " ".join(f"{c:>{max(width, len(h))}s}" for c, h in zip(row, head, strict=True)))
+    return "\n".join(lines)
 
 
 def format_results(results: list[dict]) -> str:
@@ -104,10 +167,12 @@ def format_results(results: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def save(results: list[dict], preds: dict, out: Path) -> list[Path]:
-    """probe.json and the pictures: predicted vs true test accuracy per method; a 2-D map of s(W)."""
+def save(results: list[dict], preds: dict, out: Path, summary: list[dict] | None = None) -> list[Path]:
+    """probe.json (every seed's results and their summary) and the pictures: predicted vs true test accuracy
+    per method (first seed); a 2-D map of s(W)."""
     out.mkdir(parents=True, exist_ok=True)
-    (out / "probe.json").write_text(json.dumps(results, indent=1))
+    (out / "probe.json").write_text(json.dumps({"results": results, "summary": summary or summarize(results)},
+                                               indent=1))
     written = [out / "probe.json"]
     import matplotlib
 
@@ -120,7 +185,8 @@ def save(results: list[dict], preds: dict, out: Path) -> list[Path]:
         cols = min(3, len(methods))
         rows = -(-len(methods) // cols)
         fig, axes = plt.subplots(rows, cols, figsize=(4 * cols, 4 * rows), squeeze=False)
-        r2 = {r["method"]: r["value"] for r in results if r["property"] == "test_acc"}
+        seed0 = results[0].get("seed", 0)
+        r2 = {r["method"]: r["value"] for r in results if r["property"] == "test_acc" and r.get("seed", 0) == seed0}
         for ax, (m, p) in zip(axes.flat, methods.items(), strict=False):
             ax.scatter(y, p, s=6, alpha=0.5)
             ax.plot([0, 1], [0, 1], "k--", lw=0.8)

@@ -17,6 +17,7 @@ At the end the driver writes RUN/backbone.pt (the model's state_dict) for `train
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import math
 import os
@@ -32,11 +33,21 @@ import torch
 
 from catalog.errors import WildzooError
 from catalog.store import Catalog
+from train.behaviour import model_archs, reconstruction_report
 from train.config import TrainConfig
-from train.data import ModelRef, WindowStream, assign_ranks, list_models, split_models, tiled_batches
+from train.data import (
+    ModelRef,
+    Normalizer,
+    WindowStream,
+    assign_ranks,
+    fit_normalizer,
+    list_models,
+    split_models,
+    tiled_batches,
+)
 from train.losses import backbone_loss
 from train.model import Backbone, ModelConfig
-from train.run import RAY_RUN_NAME, RunDir, new_run_id
+from train.run import MODEL_FILE, RAY_RUN_NAME, RunDir, new_run_id
 
 log = logging.getLogger(__name__)
 PROJECT_ROOT = str(Path(__file__).resolve().parent.parent)
@@ -78,7 +89,8 @@ def _autocast(device: torch.device, enabled: bool):
 
 
 def validate(model: torch.nn.Module, cfg: TrainConfig, cat: Catalog, refs: list[ModelRef],
-             device: torch.device, amp: bool) -> tuple[float, float]:
+             device: torch.device, amp: bool, norm: Normalizer | None = None, archs: dict[str, int] | None = None,
+             behaviour=None) -> tuple[float, float]:
     """(sum of losses, batches) over the held-out windows of this rank, with fixed augmentations."""
     model.eval()
     total, count = 0.0, 0
@@ -88,11 +100,12 @@ def validate(model: torch.nn.Module, cfg: TrainConfig, cat: Catalog, refs: list[
     if device.type == "cuda":
         torch.cuda.manual_seed(cfg.seed + 12345)
     with torch.no_grad():
-        for i, (_, _, arrays) in enumerate(tiled_batches(cat, refs, cfg.model.window, cfg.batch_size)):
+        for i, (_, _, arrays) in enumerate(tiled_batches(cat, refs, cfg.model.window, cfg.batch_size, norm=norm,
+                                                         archs=archs)):
             if i == cfg.val_batches:
                 break
             with _autocast(device, amp):
-                total += float(backbone_loss(model, to_device(arrays, device), cfg.loss)["loss"])
+                total += float(backbone_loss(model, to_device(arrays, device), cfg.loss, behaviour)["loss"].detach())
             count += 1
     torch.random.set_rng_state(state)
     if cuda_state is not None:
@@ -130,9 +143,18 @@ def train_loop(config: dict[str, Any]) -> dict[str, Any]:
     train_refs = [ModelRef(**r) for r in config["train"]]
     held = assign_ranks([ModelRef(**r) for r in config["held"]], world, cfg.model.window)[rank] if config["held"] else []
     bytes_per_token = cfg.model.token_size * 4
+    norm = Normalizer.from_dict(config["norm"])
+    archs = config.get("archs") or {}
     stream = WindowStream(cat, train_refs, cfg.model.window, cfg.batch_size, rank, world, cfg.seed,
                           chunk_tokens=max(1, cfg.chunk_mb * 2**20 // bytes_per_token),
-                          cache_tokens=cfg.cache_mb * 2**20 // bytes_per_token)
+                          cache_tokens=cfg.cache_mb * 2**20 // bytes_per_token, norm=norm, views=cfg.views,
+                          permute=cfg.permute, archs=archs)
+    behaviour = None
+    if cfg.behaviour > 0 or cfg.model.behaviour_queries > 0:
+        from train.behaviour import N_QUERY, Behaviour
+
+        behaviour = Behaviour(config.get("arch_keys") or [], cfg.model.token_size,
+                              n_query=max(N_QUERY, cfg.model.behaviour_queries)).to(device)
 
     torch.manual_seed(cfg.seed)  # identical initial weights on every rank (DDP broadcasts rank 0's anyway)
     model = Backbone(cfg.model)
@@ -162,36 +184,45 @@ def train_loop(config: dict[str, Any]) -> dict[str, Any]:
     amp = cfg.amp and device.type == "cuda"
 
     for epoch in range(start_epoch, cfg.epochs):
-        t0 = time.time()
-        sums = torch.zeros(4, device=device, dtype=torch.float64)  # loss, mse, ntx, grad norm
+        t0 = last_log = time.time()
+        sums = torch.zeros(7, device=device, dtype=torch.float64)  # loss, mse, stats, ntx, behaviour, head, grad norm
         steps = windows = 0
         for arrays in stream.epoch(epoch):
             batch = to_device(arrays, device)
             with _autocast(device, amp):
-                out = backbone_loss(model, batch, cfg.loss)
+                out = backbone_loss(model, batch, cfg.loss, behaviour)
             optimizer.zero_grad(set_to_none=True)
             out["loss"].backward()
             gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip if cfg.grad_clip > 0 else math.inf)
             optimizer.step()
             scheduler.step()
-            sums += torch.stack([out["loss"].detach(), out["mse"].detach(), out["ntx"].detach(), gnorm.detach()]).double()
+            sums += torch.stack([out[k].detach().double() for k in ("loss", "mse", "stats_mse", "ntx")]
+                                + [out.get(k, out["mse"] * 0).detach().double() for k in ("behaviour", "behaviour_head")]
+                                + [gnorm.detach().double()])
             steps += 1
             windows += len(arrays["values"])
+            if rank == 0 and time.time() - last_log > 30:
+                log.info("epoch %d/%d: step %d/%d, loss %.4f", epoch + 1, cfg.epochs, steps, stream.steps,
+                         float(out["loss"].detach()))
+                last_log = time.time()
         seconds = time.time() - t0
-        loss, mse, ntx, gn = (v / (steps * world) for v in _all_sum(sums.tolist(), device))
+        loss, mse, smse, ntx, beh, head, gn = (v / (steps * world) for v in _all_sum(sums.tolist(), device))
         if not math.isfinite(loss):  # every rank sees the same all-reduced loss, so all stop together
             raise FloatingPointError(f"the loss diverged in epoch {epoch + 1} (try a lower lr or grad_clip)")
-        metrics = {"epoch": epoch + 1, "loss": loss, "mse": mse, "ntx": ntx, "grad_norm": gn,
+        metrics = {"epoch": epoch + 1, "loss": loss, "mse": mse, "stats_mse": smse, "ntx": ntx, "behaviour": beh, "behaviour_head": head,
+                   "grad_norm": gn,
                    "lr": scheduler.get_last_lr()[0], "seconds": seconds,
                    "windows_per_s": _all_sum([windows], device)[0] / max(seconds, 1e-9)}
         if config["held"] and cfg.val_batches:
-            vsum, vcount = _all_sum(list(validate(_unwrap(model), cfg, cat, held, device, amp)), device)
+            vsum, vcount = _all_sum(list(validate(_unwrap(model), cfg, cat, held, device, amp, norm, archs,
+                                                  behaviour)), device)
             metrics["val_loss"] = vsum / max(vcount, 1)
         history.append(metrics)
         if rank == 0:
             val = f"  val {metrics['val_loss']:.4f}" if "val_loss" in metrics else ""
-            log.info("epoch %d/%d  loss %.4f (mse %.4f, nt-xent %.4f)%s  lr %.2e  %.1fs, %.0f windows/s",
-                     epoch + 1, cfg.epochs, loss, mse, ntx, val, metrics["lr"], seconds, metrics["windows_per_s"])
+            log.info("epoch %d/%d  loss %.4f (mse %.4f, stats %.4f, nt-xent %.4f, behaviour %.4f, head %.4f)%s  "
+                     "lr %.2e  %.1fs, %.0f windows/s", epoch + 1, cfg.epochs, loss, mse, smse, ntx, beh, head, val,
+                     metrics["lr"], seconds, metrics["windows_per_s"])
             with tempfile.TemporaryDirectory() as d:
                 torch.save({"model": _unwrap(model).state_dict(), "optimizer": optimizer.state_dict(),
                             "scheduler": scheduler.state_dict(), "epoch": epoch, "history": history,
@@ -285,20 +316,26 @@ def fit(catalog: str, out: str, cfg: TrainConfig) -> dict[str, Any]:
     refs = list_models(cat)
     if not refs:
         raise WildzooError(f"catalog {cat.uri} has no ok models with tokens to train on")
-    train_refs, held = split_models(cat, refs, cfg.split_seed) if cfg.holdout else (refs, [])
+    seeds = list(range(cfg.split_seed, cfg.split_seed + cfg.probe_seeds))
+    train_refs, held = split_models(cat, refs, seeds) if cfg.holdout else (refs, [])
     if len(train_refs) < cfg.workers:
         raise WildzooError(f"{len(train_refs)} training model(s) cannot feed {cfg.workers} workers")
-    split = {"seed": cfg.split_seed, "holdout": cfg.holdout, "train_models": len(train_refs),
+    split = {"seed": cfg.split_seed, "seeds": seeds, "holdout": cfg.holdout, "train_models": len(train_refs),
              "held_out_models": len(held), "train_groups": len({r.group for r in train_refs}),
              "held_out_groups": len({r.group for r in held})}
     run = RunDir.at(out)
     meta = _run_meta(run, cat, cfg, split)
-    if meta.get("epochs_trained", 0) >= cfg.epochs and run.exists("backbone.pt"):
+    norm = Normalizer.from_dict(meta["norm"]) if "norm" in meta else fit_normalizer(cat, train_refs, cfg.norm)
+    meta["norm"] = norm.to_dict()
+    arch_of = model_archs(cat, [r.model_id for r in refs])
+    keys = sorted(set(arch_of.values()))
+    archs = {m: keys.index(k) for m, k in arch_of.items()}
+    if meta.get("epochs_trained", 0) >= cfg.epochs and run.exists(MODEL_FILE):
         log.info("run %s has trained %d epoch(s) already: nothing to do", meta["run_id"], meta["epochs_trained"])
         return {"run_id": meta["run_id"], "run": run.uri, "start_epoch": meta["epochs_trained"],
                 "epochs": meta["epochs_trained"], "history": meta["history"], "seconds": time.time() - t0,
                 "split": split, "workers": cfg.workers,
-                "n_params": sum(v.numel() for v in run.load_state_dict().values())}
+                "n_params": sum(v.numel() for v in run.load_state_dict().values()), "norm": norm.mode}
     log.info("fit %s on %s: %d models for training (%d trained models), %d held out; %d worker(s)",
              meta["run_id"], cat.uri, len(train_refs), split["train_groups"], len(held), cfg.workers)
     started = ensure_ray(cfg)
@@ -309,7 +346,8 @@ def fit(catalog: str, out: str, cfg: TrainConfig) -> dict[str, Any]:
         trainer = TorchTrainer(
             train_loop,
             train_loop_config={"cfg": cfg.to_dict(), "catalog": _catalog_id(cat),
-                               "verbose": log.isEnabledFor(logging.DEBUG),
+                               "verbose": log.isEnabledFor(logging.DEBUG), "norm": norm.to_dict(),
+                               "archs": archs, "arch_keys": keys,
                                "train": [asdict(r) for r in train_refs], "held": [asdict(r) for r in held]},
             scaling_config=ScalingConfig(num_workers=cfg.workers, use_gpu=cfg.gpus_per_worker > 0,
                                          resources_per_worker=resources),
@@ -339,6 +377,46 @@ def fit(catalog: str, out: str, cfg: TrainConfig) -> dict[str, Any]:
     history = [{k: float(v) for k, v in h.items()} for h in state["history"]]
     meta.update(epochs_trained=state["epoch"] + 1, history=history)
     run.write_meta(meta)
+    run.write_bytes("metrics.jsonl", "".join(json.dumps(h) + "\n" for h in history).encode())
+    plot_curve(run, history)
+    report = None
+    if held and keys:
+        backbone = Backbone(cfg.model)
+        backbone.load_state_dict(state["model"])
+        report = reconstruction_report(backbone.eval(), cat, held, norm, archs, keys)
+        meta["reconstruction"] = report
+        run.write_meta(meta)
     return {"run_id": meta["run_id"], "run": run.uri, "start_epoch": returned.get("start_epoch", state["epoch"] + 1),
             "epochs": state["epoch"] + 1, "history": history, "seconds": time.time() - t0, "split": split,
-            "workers": cfg.workers, "n_params": sum(v.numel() for v in state["model"].values())}
+            "workers": cfg.workers, "n_params": sum(v.numel() for v in state["model"].values()), "norm": norm.mode,
+            "reconstruction": report}
+
+
+def plot_curve(run: RunDir, history: list[dict[str, float]]) -> None:
+    """RUN/loss_curve.png: training (and held-out) loss per epoch, and its parts."""
+    import io
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    if not history:
+        return
+    ep = [h["epoch"] for h in history]
+    fig, axes = plt.subplots(1, 2, figsize=(9, 3.5))
+    axes[0].plot(ep, [h["loss"] for h in history], label="train")
+    if "val_loss" in history[0]:
+        axes[0].plot(ep, [h["val_loss"] for h in history], label="held out")
+    axes[0].set(xlabel="epoch", ylabel="loss", yscale="log", title="loss")
+    axes[0].legend()
+    for key in ("mse", "stats_mse", "ntx"):
+        if key in history[0]:
+            axes[1].plot(ep, [h[key] for h in history], label=key)
+    axes[1].set(xlabel="epoch", yscale="log", title="parts")
+    axes[1].legend()
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=90)
+    plt.close(fig)
+    run.write_bytes("loss_curve.png", buf.getvalue())

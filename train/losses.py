@@ -66,16 +66,22 @@ def masked_mse(pred: Tensor, target: Tensor, mask: Tensor, layer: Tensor | None 
     return (e_l / n_l.clamp_min(1) / var_l).mean()
 
 
-def augment(batch: Batch, noise: float = 0.1, mask_prob: float = 0.0) -> Batch:
-    """One augmented view: values w·(1+σε); then whole tokens (values and statistics) zeroed with `mask_prob`."""
-    values, stats = batch["values"], batch.get("stats")
+def augment(batch: Batch, noise: float = 0.1, mask_prob: float = 0.0, key: str = "values") -> Batch:
+    """One augmented view of `batch[key]` (the window, or its permuted twin `values2`): values w·(1+σε);
+    then whole tokens marked `masked` with `mask_prob` (the encoder sees the learned mask vector instead)."""
+    values, stats = batch[key], batch.get("stats")
     if noise > 0:
         values = values * (1 + noise * torch.randn_like(values))
+    view = {k: v for k, v in batch.items() if k != "values2"}
+    view["values"] = values
+    view["masked"] = torch.zeros(values.shape[:2], dtype=torch.bool, device=values.device)
     if mask_prob > 0:
-        drop = (torch.rand(values.shape[:2], device=values.device) < mask_prob)[..., None]  # (B, T, 1)
-        values = values.masked_fill(drop, 0.0)
-        stats = None if stats is None else stats.masked_fill(drop, 0.0)
-    return {**batch, "values": values, **({} if stats is None else {"stats": stats})}
+        drop = torch.rand(values.shape[:2], device=values.device) < mask_prob  # (B, T)
+        view["values"] = values.masked_fill(drop[..., None], 0.0)
+        if stats is not None:
+            view["stats"] = stats.masked_fill(drop[..., None], 0.0)
+        view["masked"] = drop
+    return view
 
 
 @dataclass(frozen=True)
@@ -85,21 +91,40 @@ class LossConfig:
     noise: float = 0.1
     mask_prob: float = 0.1
     norm: str = "none"
+    stats_weight: float = 1.0  # weight of the statistics rows in the reconstruction, next to the values' 1
+    behaviour: float = 0.0  # weight of the behavioural loss (train.behaviour); 0 turns it off
+    behaviour_head: float = 1.0  # weight of the behaviour head's loss, where the backbone has one
 
 
-def backbone_loss(model: nn.Module, batch: Batch, cfg: LossConfig) -> dict[str, Tensor]:
-    """Total, reconstruction and contrastive loss of one batch of windows.
+def backbone_loss(model: nn.Module, batch: Batch, cfg: LossConfig, behaviour=None) -> dict[str, Tensor]:
+    """Total, reconstruction, contrastive (and, with `behaviour` and a weight > 0, behavioural) loss of one
+    batch of windows: γ·NT-Xent + (1 − γ)·(MSE + stats_weight·stats MSE + behaviour·behavioural).
 
     Both views go through the model in one forward call of batch 2B (DDP wants one forward per
     backward); each view is asked to reconstruct the clean window.
     """
     B = batch["values"].shape[0]
-    v1, v2 = augment(batch, cfg.noise, cfg.mask_prob), augment(batch, cfg.noise, cfg.mask_prob)
-    both = {key: torch.cat([v1[key], v2[key]]) for key in batch}
-    recon, _, proj = model(both)  # (2B, T, S+F), _, (2B, P)
+    second = "values2" if "values2" in batch else "values"
+    v1, v2 = augment(batch, cfg.noise, cfg.mask_prob), augment(batch, cfg.noise, cfg.mask_prob, second)
+    both = {key: torch.cat([v1[key], v2[key]]) for key in v1}
+    recon, _, proj, predicted = model(both)  # (2B, T, S+F), _, (2B, P), (2B, Q, C) or None
     core = model.module if hasattr(model, "module") else model  # DDP wraps the backbone
-    target = core.inputs(batch)  # (B, T, S+F), the clean window
-    mask = token_mask(batch["n_valid"], core.cfg.token_size, core.cfg.n_stats)
-    mse = masked_mse(recon, torch.cat([target, target]), torch.cat([mask, mask]), both["l"], cfg.norm)
+    clean = {**batch, "values": torch.cat([batch["values"], batch[second]]), "stats": torch.cat([batch["stats"]] * 2),
+             "n_valid": both["n_valid"]}
+    target = core.inputs(clean)  # (2B, T, S+F): each view rebuilds its own clean window
+    S = core.cfg.token_size
+    mask = token_mask(both["n_valid"], S, core.cfg.n_stats)
+    mse = masked_mse(recon[..., :S], target[..., :S], mask[..., :S], both["l"], cfg.norm)
+    stats_mse = masked_mse(recon[..., S:], target[..., S:], mask[..., S:]) if core.cfg.n_stats else mse * 0
     ntx = nt_xent(proj[:B], proj[B:], cfg.tau)
-    return {"loss": cfg.gamma * ntx + (1 - cfg.gamma) * mse, "mse": mse, "ntx": ntx}
+    rec = mse + cfg.stats_weight * stats_mse
+    out = {"mse": mse, "stats_mse": stats_mse, "ntx": ntx}
+    if behaviour is not None and cfg.behaviour > 0:
+        out["behaviour"] = behaviour.loss(recon[..., :S], target[..., :S], both)
+        rec = rec + cfg.behaviour * out["behaviour"]
+    if predicted is not None:
+        if behaviour is None:
+            raise ValueError("a backbone with a behaviour head needs the behaviour of its windows (train.behaviour)")
+        out["behaviour_head"] = behaviour.head_loss(predicted, target[..., :S], both)
+        rec = rec + cfg.behaviour_head * out["behaviour_head"]
+    return {"loss": cfg.gamma * ntx + (1 - cfg.gamma) * rec, **out}

@@ -51,7 +51,10 @@ class ModelConfig:
     n_roles: int = len(ROLES)
     proj_dim: int = 64  # P: output of the projection head (contrastive loss)
     mlp_ratio: int = 4
-    n_stats: int = 2  # F: tensor statistics appended to each token (0: values only)
+    n_stats: int = 11  # F: the tensor statistics row appended to each token (train.data.STAT_NAMES; 0: values only)
+    pool_layers: int = 8  # K: layer groups pooled for the behaviour head (layers past K − 1 share the last group)
+    behaviour_queries: int = 0  # Q: query images whose outputs the behaviour head predicts (0: no head)
+    behaviour_classes: int = 10  # C: outputs per query image
 
     def __post_init__(self) -> None:
         checks = [
@@ -65,7 +68,9 @@ class ModelConfig:
             (self.n_roles >= len(ROLES), f"n_roles must be >= {len(ROLES)} (catalog.roles.ROLES)"),
             (self.proj_dim >= 1, "proj_dim must be >= 1"),
             (self.mlp_ratio >= 1, "mlp_ratio must be >= 1"),
-            (self.n_stats in (0, 2), "n_stats must be 0 or 2"),
+            (self.n_stats >= 0, "n_stats must be >= 0"),
+            (self.pool_layers >= 1 and self.behaviour_queries >= 0 and self.behaviour_classes >= 1,
+             "pool_layers and behaviour_classes must be >= 1, behaviour_queries >= 0"),
         ]
         for ok, message in checks:
             if not ok:
@@ -74,8 +79,14 @@ class ModelConfig:
     @classmethod
     def debug(cls, token_size: int = 0) -> ModelConfig:
         """A tiny backbone that trains in seconds on a CPU."""
-        return cls(token_size=token_size, d_model=32, n_layers=1, n_heads=2, d_latent=16, window=16,
+        return cls(token_size=token_size, d_model=32, n_layers=1, n_heads=2, d_latent=16, window=64,
                    dropout=0.0, proj_dim=16, mlp_ratio=2)
+
+    @classmethod
+    def small(cls, token_size: int = 0) -> ModelConfig:
+        """The CPU default: minutes on 2 cores for a zoo of ~1,000 small checkpoints."""
+        return cls(token_size=token_size, d_model=64, n_layers=2, n_heads=4, d_latent=64, window=64,
+                   dropout=0.0, proj_dim=64, mlp_ratio=2, behaviour_queries=32)
 
     @property
     def position_dims(self) -> tuple[int, int, int]:
@@ -162,10 +173,13 @@ class Block(nn.Module):
 class Stack(nn.Module):
     """Input projection + positions + role, then pre-LN blocks and a final LayerNorm and projection."""
 
-    def __init__(self, cfg: ModelConfig, d_in: int, d_out: int) -> None:
+    def __init__(self, cfg: ModelConfig, d_in: int, d_out: int, masking: bool = False) -> None:
         super().__init__()
         self.cfg = cfg
         self.inp = nn.Linear(d_in, cfg.d_model)
+        # what a masked token's input becomes (encoder only): learned, so a masked token never looks like a
+        # constant tensor
+        self.mask = nn.Parameter(torch.zeros(cfg.d_model)) if masking else None
         self.role = nn.Embedding(cfg.n_roles, cfg.d_model)
         self.drop = nn.Dropout(cfg.dropout)
         self.blocks = nn.ModuleList([Block(cfg) for _ in range(cfg.n_layers)])
@@ -177,8 +191,11 @@ class Stack(nn.Module):
         d_n, d_l, d_k = self.cfg.position_dims
         return torch.cat([sinusoid(n, d_n), sinusoid(l, d_l), sinusoid(k, d_k)], dim=-1)
 
-    def forward(self, x: Tensor, batch: Batch, keep: Tensor) -> Tensor:
-        h = self.inp(x) + self.positions(batch["n"], batch["l"], batch["k"]) + self.role(batch["role"])  # (B, T, D)
+    def forward(self, x: Tensor, batch: Batch, keep: Tensor, masked: Tensor | None = None) -> Tensor:
+        h = self.inp(x)  # (B, T, D)
+        if masked is not None and self.mask is not None:
+            h = torch.where(masked[..., None], self.mask.to(h.dtype), h)
+        h = h + self.positions(batch["n"], batch["l"], batch["k"]) + self.role(batch["role"])  # (B, T, D)
         h = self.drop(h)
         for block in self.blocks:
             h = block(h, keep)
@@ -193,9 +210,14 @@ class Backbone(nn.Module):
         if cfg.token_size < 1:
             raise ValueError("model: token_size is not set (take it from the catalog before building)")
         self.cfg = cfg
-        self.encoder = Stack(cfg, cfg.token_size + cfg.n_stats, cfg.d_latent)
+        self.encoder = Stack(cfg, cfg.token_size + cfg.n_stats, cfg.d_latent, masking=True)
         self.decoder = Stack(cfg, cfg.d_latent, cfg.token_size + cfg.n_stats)
         self.head = nn.Sequential(nn.Linear(cfg.d_latent, cfg.d_latent), nn.GELU(), nn.Linear(cfg.d_latent, cfg.proj_dim))
+        # what the model computes, predicted from its per-layer pooled latents (train.behaviour): the embedding
+        # has to carry the function, not only the weights
+        self.behaviour_head = nn.Sequential(
+            nn.Linear(cfg.pool_layers * cfg.d_latent, 2 * cfg.d_latent), nn.GELU(),
+            nn.Linear(2 * cfg.d_latent, cfg.behaviour_queries * cfg.behaviour_classes)) if cfg.behaviour_queries else None
         self.apply(self._init_weights)
 
     @staticmethod
@@ -218,8 +240,9 @@ class Backbone(nn.Module):
         return x * token_mask(batch["n_valid"], self.cfg.token_size, self.cfg.n_stats)
 
     def encode(self, batch: Batch) -> Tensor:
-        """Token latents (B, T, L). Padded entries are zeroed here, so their content never matters."""
-        return self.encoder(self.inputs(batch), batch, batch["n_valid"] > 0)  # (B, T, L)
+        """Token latents (B, T, L). Padded entries are zeroed here, so their content never matters; tokens
+        that `batch["masked"]` marks (B, T) enter as the learned mask vector."""
+        return self.encoder(self.inputs(batch), batch, batch["n_valid"] > 0, batch.get("masked"))  # (B, T, L)
 
     def decode(self, latent: Tensor, batch: Batch) -> Tensor:
         """Reconstructed tokens (B, T, S+F) from latents (B, T, L) at the batch's positions."""
@@ -229,10 +252,24 @@ class Backbone(nn.Module):
         """Projection of each window's mean latent for the contrastive loss: (B, T, L) -> (B, P)."""
         return self.head(masked_mean(latent, keep))
 
-    def forward(self, batch: Batch) -> tuple[Tensor, Tensor, Tensor]:
-        """(reconstruction (B, T, S+F), latent (B, T, L), projection (B, P))."""
+    def pool(self, latent: Tensor, batch: Batch) -> Tensor:
+        """Per-layer means of each window's real token latents, concatenated: (B, T, L) -> (B, K·L)."""
+        B, T, L = latent.shape
+        K = self.cfg.pool_layers
+        group = batch["l"].clamp(0, K - 1)  # (B, T)
+        w = ((batch["n_valid"] > 0)[..., None] & (group[..., None] == torch.arange(K, device=latent.device)))
+        w = w.to(latent.dtype)  # (B, T, K)
+        sums = torch.einsum("btk,btl->bkl", w, latent)  # (B, K, L)
+        return (sums / w.sum(1)[..., None].clamp_min(1.0)).reshape(B, K * L)
+
+    def forward(self, batch: Batch) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
+        """(reconstruction (B, T, S+F), latent (B, T, L), projection (B, P), predicted outputs (B, Q, C) or None)."""
         latent = self.encode(batch)
-        return self.decode(latent, batch), latent, self.project(latent, batch["n_valid"] > 0)
+        outputs = None
+        if self.behaviour_head is not None:
+            outputs = self.behaviour_head(self.pool(latent, batch)).view(
+                -1, self.cfg.behaviour_queries, self.cfg.behaviour_classes)
+        return self.decode(latent, batch), latent, self.project(latent, batch["n_valid"] > 0), outputs
 
     @torch.no_grad()
     def embed(self, batch: Batch) -> Tensor:

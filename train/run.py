@@ -1,7 +1,8 @@
 """A run folder (local or `s3://…`): what `train fit` leaves for `embed`, `probe` and a rerun.
 
     RUN/config.json   the run: id, catalog, token size, TrainConfig, split, epochs trained, loss history
-    RUN/backbone.pt   the model's state_dict (torch.save; load with torch.load(weights_only=True))
+    RUN/model.safetensors  the backbone's weights (safetensors: no pickle); RUN/config.json says how to build it
+    RUN/metrics.jsonl the metrics of every epoch; RUN/loss_curve.png
     RUN/fit/          Ray Train's checkpoints (model + optimizer + scheduler + epoch), for resuming
 
 Files are written under a temporary name and renamed, so a reader never sees half a file.
@@ -9,7 +10,6 @@ Files are written under a temporary name and renamed, so a reader never sees hal
 
 from __future__ import annotations
 
-import io
 import json
 import time
 import uuid
@@ -23,6 +23,7 @@ from catalog.errors import WildzooError
 from catalog.store import atomic_write, resolve
 
 RAY_RUN_NAME = "fit"
+MODEL_FILE = "model.safetensors"
 
 
 @dataclass
@@ -71,14 +72,16 @@ class RunDir:
         self.write_bytes("config.json", json.dumps(meta, indent=2).encode())
 
     def save_state_dict(self, state: dict[str, torch.Tensor]) -> None:
-        buf = io.BytesIO()
-        torch.save(state, buf)
-        self.write_bytes("backbone.pt", buf.getvalue())
+        from safetensors.torch import save
+
+        self.write_bytes(MODEL_FILE, save({k: v.contiguous() for k, v in state.items()}))
 
     def load_state_dict(self) -> dict[str, torch.Tensor]:
-        if not self.exists("backbone.pt"):
-            raise WildzooError(f"{self.uri} has no backbone.pt: the fit has not finished (rerun `train fit` to resume)")
-        return torch.load(io.BytesIO(self.read_bytes("backbone.pt")), map_location="cpu", weights_only=True)
+        from safetensors.torch import load
+
+        if not self.exists(MODEL_FILE):
+            raise WildzooError(f"{self.uri} has no {MODEL_FILE}: the fit has not finished (rerun `train fit` to resume)")
+        return load(self.read_bytes(MODEL_FILE))
 
 
 def new_run_id(run: RunDir) -> str:

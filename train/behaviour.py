@@ -1,0 +1,217 @@
+"""Behaviour: zoo models rebuilt from (reconstructed) tokens and run on a fixed query batch of digits.
+
+The behavioural loss ("Structure is not enough", ICLR'25 WSL) compares what a model reconstructed from
+the decoder's tokens computes with what the original computes, on the same fixed query images:
+KL divergence of their softmax outputs at temperature T (T² · KL, so its gradient scale does not
+depend on T). A model can be rebuilt only where its architecture is known: the lab zoo's CNNs and MLPs,
+named by their `model::type`, `model::nlin`, `model::channels_in` and `model::o_dim` properties, whose
+row tokens are one token per output unit. Rebuilding de-normalizes the tokens (value · σ + μ of the
+tensor, or of the packed bias in its column) and runs the canonical network (no dropout) functionally,
+vmapped over every window of one architecture at once (`torch.func.functional_call`).
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from catalog import tokenize as tk
+from catalog.query import connect
+from catalog.store import Catalog
+from train.data import Layer, permutation_plan
+
+log = logging.getLogger(__name__)
+ARCH_KEYS = ("model::type", "model::nlin", "model::channels_in", "model::o_dim")
+N_QUERY = 128
+
+
+def model_archs(cat: Catalog, model_ids: list[str]) -> dict[str, str]:
+    """{model_id: architecture key} for the models whose properties name a zoo architecture."""
+    con = connect(cat, tables=("properties",))
+    rows = con.execute(
+        f"""SELECT model_id, name, coalesce(text, CAST(CAST(value AS BIGINT) AS VARCHAR)) FROM properties
+            WHERE name IN ({", ".join("?" * len(ARCH_KEYS))})""", list(ARCH_KEYS)).fetchall()
+    found: dict[str, dict[str, str]] = {}
+    for mid, name, text in rows:
+        found.setdefault(mid, {})[name] = text
+    wanted = set(model_ids)
+    return {m: "/".join(p[k] for k in ARCH_KEYS) for m, p in found.items()
+            if m in wanted and all(p.get(k) is not None for k in ARCH_KEYS)}
+
+
+@dataclass
+class Arch:
+    """One known architecture: its canonical network and where each parameter sits in its row tokens."""
+
+    key: str
+    net: torch.nn.Module
+    layers: list[Layer]
+    shapes: list[tuple[tuple[int, ...], tuple[int, ...]]]  # (weight shape, bias shape) per layer
+    names: list[tuple[str, str]]  # parameter names (weight, bias) per layer
+
+    def params(self, raw: Tensor) -> dict[str, Tensor]:
+        """Batched parameters (G, ...) from de-normalized tokens (G, T, S) laid out as this architecture."""
+        out = {}
+        for layer, (ws, bs), (wn, bn) in zip(self.layers, self.shapes, self.names, strict=True):
+            rows = raw[:, layer.start: layer.start + layer.rows]  # (G, rows, S)
+            out[wn] = rows[..., : layer.width].reshape(raw.shape[0], *ws)
+            out[bn] = rows[..., layer.width].reshape(raw.shape[0], *bs)
+        return out
+
+    def outputs(self, raw: Tensor, x: Tensor) -> Tensor:
+        """Logits (G, Q, C) of G models (de-normalized tokens (G, T, S)) on the query images x (Q, ...)."""
+        def run(p: dict[str, Tensor]) -> Tensor:
+            return torch.func.functional_call(self.net, p, (x,))
+
+        return torch.func.vmap(run)(self.params(raw))
+
+
+def build_arch(key: str, token_size: int) -> Arch | None:
+    """The canonical zoo network of `key`, or None where it is unknown or its rows do not fit one token."""
+    from zoo.models import build_model
+
+    kind, nlin, cin, odim = key.split("/")
+    try:
+        net = build_model({"model::type": kind, "model::nlin": nlin, "model::channels_in": int(cin),
+                           "model::o_dim": int(odim), "model::dropout": 0.0, "model::init_type": "kaiming_uniform"})
+    except (ValueError, KeyError):
+        return None
+    net.eval().requires_grad_(False)
+    state = net.state_dict()
+    names, shapes = list(state), [tuple(v.shape) for v in state.values()]
+    plan = tk.plan(names, shapes, [True] * len(names), "row", token_size)
+    rows = [{"tensor_idx": i, "shape": list(shapes[i]), "token_start": p.token_start, "n_tokens": p.n_tokens,
+             "packed_into": p.packed_into} for i, p in enumerate(plan)]
+    layers = permutation_plan(rows, token_size)
+    if layers is None or any(p.geometry is not None and p.bias_idx is None for p in plan):
+        return None
+    carriers = [i for i, p in enumerate(plan) if p.geometry is not None]
+    return Arch(key, net, layers, [(shapes[i], shapes[plan[i].bias_idx]) for i in carriers],
+                [(names[i], names[plan[i].bias_idx]) for i in carriers])
+
+
+def query_images(n: int = N_QUERY, test: bool = False) -> Tensor:
+    """The fixed query batch: the first `n` digits training images (or the whole test split, with labels
+    available through `zoo.data`)."""
+    from zoo.data import load_digits_split
+
+    x_train, _, x_test, _ = load_digits_split()
+    return x_test if test else x_train[:n]
+
+
+def denormalize(values: Tensor, batch: dict[str, Tensor]) -> Tensor:
+    """Raw weights (B, T, S) from normalized token values: value · σ + μ of the token's tensor, and of its
+    packed bias in the bias column (`n_valid − 1` of tokens with `has_bias`)."""
+    S = values.shape[-1]
+    cols = torch.arange(S, device=values.device)
+    bias_col = batch["has_bias"][..., None] & (cols == (batch["n_valid"] - 1)[..., None])  # (B, T, S)
+    mu = torch.where(bias_col, batch["bmu"][..., None], batch["mu"][..., None])
+    sd = torch.where(bias_col, batch["bsd"][..., None], batch["sd"][..., None])
+    return values.float() * sd + mu
+
+
+class Behaviour:
+    """The behavioural loss for windows whose `arch` (B,) names one of `keys` (−1: not rebuildable)."""
+
+    def __init__(self, keys: list[str], token_size: int, temperature: float = 2.0, n_query: int = N_QUERY) -> None:
+        self.archs = {i: a for i, k in enumerate(keys) if (a := build_arch(k, token_size)) is not None}
+        self.temperature = temperature
+        self.query = query_images(n_query)
+
+    def to(self, device: torch.device) -> Behaviour:
+        self.query = self.query.to(device)
+        for a in self.archs.values():
+            a.net.to(device)
+        return self
+
+    def loss(self, recon: Tensor, target: Tensor, batch: dict[str, Tensor]) -> Tensor:
+        """T²·KL(original ‖ rebuilt) of softmax outputs at temperature T, averaged over rebuildable windows.
+
+        recon, target: normalized values (B, T, S); zero (attached to the graph) when no window qualifies."""
+        total, count = recon.sum() * 0.0, 0
+        arch = batch["arch"]
+        for i, a in self.archs.items():
+            sel = torch.nonzero(arch == i).flatten()
+            if len(sel) == 0:
+                continue
+            sub = {k: v[sel] for k, v in batch.items() if k in ("has_bias", "n_valid", "mu", "sd", "bmu", "bsd")}
+            with torch.no_grad():
+                want = a.outputs(denormalize(target[sel], sub), self.query)  # (G, Q, C)
+            got = a.outputs(denormalize(recon[sel], sub), self.query)
+            T = self.temperature
+            kl = F.kl_div(F.log_softmax(got.float() / T, -1), F.log_softmax(want.float() / T, -1), log_target=True,
+                          reduction="none").sum(-1).mean(-1)  # (G,)
+            total = total + (T * T) * kl.sum()
+            count += len(sel)
+        return total / max(count, 1)
+
+    def head_loss(self, predicted: Tensor, target: Tensor, batch: dict[str, Tensor]) -> Tensor:
+        """T²·KL(original ‖ predicted) of the outputs on the first Q query images that the behaviour head
+        predicts (B, Q, C) from each window's pooled latents, averaged over rebuildable windows (a permuted
+        view computes the same function, so both views share the target)."""
+        total, count = predicted.sum() * 0.0, 0  # attached even where no window qualifies (DDP)
+        Q, T = predicted.shape[1], self.temperature
+        for i, a in self.archs.items():
+            sel = torch.nonzero(batch["arch"] == i).flatten()
+            if len(sel) == 0:
+                continue
+            sub = {k: v[sel] for k, v in batch.items() if k in ("has_bias", "n_valid", "mu", "sd", "bmu", "bsd")}
+            with torch.no_grad():
+                want = a.outputs(denormalize(target[sel], sub), self.query[:Q])  # (G, Q, C)
+            kl = F.kl_div(F.log_softmax(predicted[sel].float() / T, -1), F.log_softmax(want.float() / T, -1),
+                          log_target=True, reduction="none").sum(-1).mean(-1)
+            total = total + (T * T) * kl.sum()
+            count += len(sel)
+        return total / max(count, 1)
+
+
+def accuracy(a: Arch, raw: Tensor, x: Tensor, y: Tensor) -> np.ndarray:
+    """Test accuracy (G,) of G models given as de-normalized tokens (G, T, S)."""
+    with torch.no_grad():
+        return (a.outputs(raw, x).argmax(-1) == y).float().mean(-1).cpu().numpy()
+
+
+@torch.no_grad()
+def reconstruction_report(model: torch.nn.Module, cat: Catalog, refs: list, norm, archs: dict[str, int],
+                          keys: list[str], batch_size: int = 64, min_acc: float = 0.5) -> dict:
+    """How well `model` (a Backbone, eval mode) rebuilds the models of `refs` (held out from training).
+
+    Each model is encoded and decoded whole (no noise, no masking), de-normalized, loaded into its
+    architecture and scored on the digits test split, next to the original (its own tokens through the same
+    normalization: identical but for entries beyond ±CLIP σ). Returns the reconstruction MSE (normalized
+    space, real entries) over every model, and for models of a known architecture: mean original and
+    rebuilt accuracy, and the mean ratio rebuilt/original over the models whose original accuracy ≥ min_acc.
+    """
+    from train.data import tiled_batches
+    from zoo.data import load_digits_split
+
+    S = model.cfg.token_size
+    built = {i: a for i, k in enumerate(keys) if (a := build_arch(k, S)) is not None}
+    _, _, x_test, y_test = load_digits_split()
+    err = count = 0.0
+    orig, rebuilt = [], []
+    for _, _, arrays in tiled_batches(cat, refs, model.cfg.window, batch_size, norm=norm, archs=archs):
+        batch = {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in arrays.items()}
+        recon = model.decode(model.encode(batch), batch)[..., :S].float()
+        real = torch.arange(S) < batch["n_valid"][..., None]
+        err += float(((recon - batch["values"]) ** 2)[real].sum())
+        count += float(real.sum())
+        for i, a in built.items():
+            sel = torch.nonzero(batch["arch"] == i).flatten()
+            if len(sel):
+                sub = {k: v[sel] for k, v in batch.items()}
+                orig.append(accuracy(a, denormalize(sub["values"], sub), x_test, y_test))
+                rebuilt.append(accuracy(a, denormalize(recon[sel], sub), x_test, y_test))
+    out = {"models": len(refs), "mse": err / max(count, 1.0)}
+    if orig:
+        o, r = np.concatenate(orig), np.concatenate(rebuilt)
+        good = o >= min_acc
+        out.update(rebuildable=int(len(o)), orig_acc=float(o.mean()), rebuilt_acc=float(r.mean()),
+                   good=int(good.sum()), min_acc=min_acc,
+                   kept=float((r[good] / o[good]).mean()) if good.any() else None)
+    return out
