@@ -343,7 +343,7 @@ def test_probe_with_a_run_prints_backbone_rows(fitted, capsys, tmp_path, monkeyp
     assert train_cli(["probe", "--catalog", str(cat), "--run", str(run), "--out", str(tmp_path), "--seeds", "2"]) == 0
     out = capsys.readouterr().out
     methods = [line.split("  ")[0] for line in out.splitlines()[3:]]
-    for m in ("s(W) trees", "backbone ridge", "backbone trees", "backbone-mean trees", "combined trees"):
+    for m in ("s(W) trees", "backbone ridge", "backbone trees", "backbone-mean ridge", "combined trees"):
         assert m in methods
     assert "(wins over s(W) trees per split in brackets)" in out and " ± " in out
     results = json.loads((tmp_path / "probe.json").read_text())["results"]

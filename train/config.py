@@ -104,7 +104,7 @@ class TrainConfig:
     @classmethod
     def small(cls) -> TrainConfig:
         """The CPU default (`train fit` with no flavour): a zoo of ~1,000 small checkpoints in minutes on 2 cores."""
-        return cls(model=ModelConfig.small(), epochs=12, batch_size=32, lr=1e-3, warmup=0.1, weight_decay=1e-4)
+        return cls(model=ModelConfig.small(), epochs=10, batch_size=32, lr=1e-3, warmup=0.1, weight_decay=1e-4)
 
     @classmethod
     def base(cls) -> TrainConfig:

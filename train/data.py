@@ -1,11 +1,14 @@
 """Windows of weight tokens, read from a catalog, for training and embedding the backbone.
 
-A window is `window` consecutive tokens of one model (never two models), standardized per tensor
-with the `norm_mean`/`norm_std` of the `tensors` table when read (tokens store raw values, so a new
-normalization needs no re-crawl; a bias that row tokenization packs into its weight's rows is
-standardized with its own statistics), entries past `n_valid` zeroed, and windows that run past the
-end of a model padded with tokens of `n_valid == 0`. What standardizing takes away is handed to the
-model as two features per token (`stats`: asinh of the tensor's mean, log of its std).
+A window is `window` consecutive tokens of one model (never two models), normalized when read as the
+run's `Normalizer` says (tokens store raw values, so a new normalization needs no re-crawl): per layer
+(μ, σ of tensor i over the training split, for populations whose tensors line up) or per tensor (its own
+`norm_mean`/`norm_std`); a bias that row tokenization packs into its weight's rows is normalized with its
+own statistics. Entries past `n_valid` are zeroed, and windows that run past the end of a model are
+padded with tokens of `n_valid == 0`. Every token carries its tensor's statistics row (`STAT_NAMES`:
+what normalizing may take away — the scale — compressed with asinh/log and standardized), and what
+de-normalizing needs (`mu`, `sd`, `bmu`, `bsd`, `has_bias`). For permutable models (the zoo's CNNs and
+MLPs as row tokens) a training batch has a second view `values2` with hidden units permuted.
 
 How windows reach the workers — a per-worker Parquet reader sharded by rank, not Ray Data:
 - a window must hold tokens of one model in order; the unit of reading is therefore a set of whole
@@ -22,9 +25,9 @@ windows within the chunk and the leftovers of the previous one; when all its tok
 `cache_tokens` it reads them once, as one chunk in model_id order, and keeps them across epochs —
 so a small catalog trains the same whatever way its crawl cut the shards.
 
-The split is by trained model (`models.repo_id`): `split_models` holds out every trained model
-the probe (`train.probe.group_split` with the same seed) puts in its validation or test side, so
-`train probe --run` scores embeddings of models the backbone never saw.
+The split is by trained model (`models.repo_id`): `split_models` holds out every trained model that
+the probe (`train.probe.group_split`) puts on its test side for any of the run's split seeds, so
+`train probe --run` scores embeddings of models the backbone never saw, on every seed.
 """
 
 from __future__ import annotations
