@@ -293,7 +293,10 @@ def test_debug_fit_on_two_workers_lowers_the_loss(fitted):
     Backbone(ModelConfig(**meta["config"]["model"])).load_state_dict(load_file(run / "model.safetensors"))
     assert list((run / "fit").glob("checkpoint_*"))
     assert meta["norm"]["mode"] == "per-layer" and meta["reconstruction"]["rebuildable"] > 0
-    assert len((run / "metrics.jsonl").read_text().splitlines()) == 2 and (run / "loss_curve.png").stat().st_size > 1000
+    steps = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in steps] == list(range(1, len(steps) + 1)) and {r["epoch"] for r in steps} == {1, 2}
+    assert all(math.isfinite(r["loss"]) for r in steps) and (run / "loss_curve.png").stat().st_size > 1000
+    assert list((run / "tensorboard").glob("events.out.tfevents.*"))
 
 
 @pytest.mark.ray

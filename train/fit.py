@@ -185,6 +185,7 @@ def train_loop(config: dict[str, Any]) -> dict[str, Any]:
 
     for epoch in range(start_epoch, cfg.epochs):
         t0 = last_log = time.time()
+        per_step: list[dict[str, float]] = []
         sums = torch.zeros(7, device=device, dtype=torch.float64)  # loss, mse, stats, ntx, behaviour, head, grad norm
         steps = windows = 0
         for arrays in stream.epoch(epoch):
@@ -201,6 +202,9 @@ def train_loop(config: dict[str, Any]) -> dict[str, Any]:
                                 + [gnorm.detach().double()])
             steps += 1
             windows += len(arrays["values"])
+            if rank == 0:
+                per_step.append({"epoch": epoch + 1, "step": epoch * stream.steps + steps, "lr": scheduler.get_last_lr()[0],
+                                 "grad_norm": float(gnorm), **{k: float(v.detach()) for k, v in out.items()}})
             if rank == 0 and time.time() - last_log > 30:
                 log.info("epoch %d/%d: step %d/%d, loss %.4f", epoch + 1, cfg.epochs, steps, stream.steps,
                          float(out["loss"].detach()))
@@ -223,6 +227,8 @@ def train_loop(config: dict[str, Any]) -> dict[str, Any]:
             log.info("epoch %d/%d  loss %.4f (mse %.4f, stats %.4f, nt-xent %.4f, behaviour %.4f, head %.4f)%s  "
                      "lr %.2e  %.1fs, %.0f windows/s", epoch + 1, cfg.epochs, loss, mse, smse, ntx, beh, head, val,
                      metrics["lr"], seconds, metrics["windows_per_s"])
+            append_steps(config.get("run"), epoch + 1, per_step)
+            tensorboard(config.get("run"), per_step)
             with tempfile.TemporaryDirectory() as d:
                 torch.save({"model": _unwrap(model).state_dict(), "optimizer": optimizer.state_dict(),
                             "scheduler": scheduler.state_dict(), "epoch": epoch, "history": history,
@@ -346,7 +352,7 @@ def fit(catalog: str, out: str, cfg: TrainConfig) -> dict[str, Any]:
         trainer = TorchTrainer(
             train_loop,
             train_loop_config={"cfg": cfg.to_dict(), "catalog": _catalog_id(cat),
-                               "verbose": log.isEnabledFor(logging.DEBUG), "norm": norm.to_dict(),
+                               "verbose": log.isEnabledFor(logging.DEBUG), "norm": norm.to_dict(), "run": run.uri,
                                "archs": archs, "arch_keys": keys,
                                "train": [asdict(r) for r in train_refs], "held": [asdict(r) for r in held]},
             scaling_config=ScalingConfig(num_workers=cfg.workers, use_gpu=cfg.gpus_per_worker > 0,
@@ -377,7 +383,6 @@ def fit(catalog: str, out: str, cfg: TrainConfig) -> dict[str, Any]:
     history = [{k: float(v) for k, v in h.items()} for h in state["history"]]
     meta.update(epochs_trained=state["epoch"] + 1, history=history)
     run.write_meta(meta)
-    run.write_bytes("metrics.jsonl", "".join(json.dumps(h) + "\n" for h in history).encode())
     plot_curve(run, history)
     report = None
     if held and keys:
@@ -390,6 +395,33 @@ def fit(catalog: str, out: str, cfg: TrainConfig) -> dict[str, Any]:
             "epochs": state["epoch"] + 1, "history": history, "seconds": time.time() - t0, "split": split,
             "workers": cfg.workers, "n_params": sum(v.numel() for v in state["model"].values()), "norm": norm.mode,
             "reconstruction": report}
+
+
+def append_steps(run_uri: str | None, epoch: int, steps: list[dict[str, float]]) -> None:
+    """RUN/metrics.jsonl: one JSON line per optimizer step (rank 0), rewritten whole at the end of each epoch;
+    lines of this epoch or later left by a run that died before its checkpoint are replaced."""
+    if not run_uri:
+        return
+    run = RunDir.at(run_uri)
+    old = run.read_bytes("metrics.jsonl").decode().splitlines() if run.exists("metrics.jsonl") else []
+    kept = [line for line in old if line.strip() and json.loads(line).get("epoch", 0) < epoch]
+    run.write_bytes("metrics.jsonl", "".join(line + "\n" for line in kept + [json.dumps(r) for r in steps]).encode())
+
+
+def tensorboard(run_uri: str | None, steps: list[dict[str, float]]) -> None:
+    """TensorBoard event files under RUN/tensorboard (rank 0; tensorboardX, which Ray Train installs), for a
+    run folder on the local disk; `tensorboard --logdir RUN/tensorboard` shows every per-step metric."""
+    if not run_uri or "://" in run_uri or not steps:
+        return
+    try:
+        from tensorboardX import SummaryWriter
+    except ImportError:
+        return
+    with SummaryWriter(logdir=str(Path(run_uri) / "tensorboard")) as w:
+        for r in steps:
+            for k, v in r.items():
+                if k not in ("epoch", "step"):
+                    w.add_scalar(f"train/{k}", v, int(r["step"]))
 
 
 def plot_curve(run: RunDir, history: list[dict[str, float]]) -> None:
