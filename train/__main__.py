@@ -150,6 +150,12 @@ def fit_command(args) -> int:
         shown = h if len(h) <= 12 else [h[round(i * (len(h) - 1) / 11)] for i in range(12)]
         curve = " ".join(f"{int(e['epoch'])}:{e['loss']:.4f}" for e in shown)
         print(f"loss by epoch: {curve}{val}")
+    rec = s.get("reconstruction")
+    if rec:
+        kept = "" if rec.get("kept") is None else (
+            f"; rebuilt from their reconstruction, the {rec['good']} with accuracy >= {rec['min_acc']} keep "
+            f"{rec['kept']:.1%} of it on average (all {rec['rebuildable']}: {rec['orig_acc']:.3f} -> {rec['rebuilt_acc']:.3f})")
+        print(f"held-out models: reconstruction MSE {rec['mse']:.4f} (normalized){kept}")
     print(f"normalization {s['norm']}; saved {s['run'].rstrip('/')}/model.safetensors, config.json, metrics.jsonl, "
           f"loss_curve.png; next: python -m train probe --run {s['run']} --catalog {args.catalog}")
     return 0
