@@ -108,3 +108,13 @@ def test_statistics_baseline_clears_the_bar_on_the_digits_zoo(tmp_path, ray_sess
     results, _ = run_probe(Catalog.open(str(cat)))
     best = max(r["value"] for r in results if r["property"] == "test_acc" and r["method"].startswith("s(W)"))
     assert best >= 0.9
+
+
+def test_token_size_auto_is_for_zoos_and_bad_sizes_are_one_line_errors(good_models, tmp_path, capsys):
+    root, _ = good_models
+    args = ["local", str(root), "--catalog", str(tmp_path / "c"), "--no-ray", "--token-size"]
+    assert crawl_cli([*args, "auto"]) == 1
+    assert "--token-size auto needs `crawl zoo`" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as e:
+        crawl_cli([*args, "many"])
+    assert e.value.code == 2 and "expected an integer or 'auto'" in capsys.readouterr().err
