@@ -90,12 +90,9 @@ def build_parser() -> Parser:
                        description="Catalog every checkpoint of Model Zoos trial folders with its properties.")
     p.add_argument("paths", nargs="+", metavar="PATH")
     _common(p)
-    try:
-        from crawl import hub
-    except ImportError:  # the hub source is optional in a minimal install
-        hub = None
-    if hub is not None:
-        hub.add_arguments(sub.add_parser("hub", help="Hugging Face Hub repos", description=hub.DESCRIPTION))
+    from crawl import hub  # an ImportError here is a broken install: never hide the command behind it
+
+    hub.add_arguments(sub.add_parser("hub", help="Hugging Face Hub repos", description=hub.DESCRIPTION))
     return parser
 
 
