@@ -101,7 +101,7 @@ def _given(args) -> dict:
     given = {k: v for k, v in (("token_size", args.token_size), ("tokenization", args.tokenization),
                                ("token_dtype", args.token_dtype)) if v is not None}
     try:
-        CatalogSpec(**{**given, "token_size": 256 if given.get("token_size") == "auto" else given.get("token_size", 256)})
+        CatalogSpec(**{k: v for k, v in given.items() if v != "auto"})  # auto is resolved when a catalog is made
     except ValueError as e:
         raise WildzooError(str(e)) from None
     return given

@@ -7,6 +7,7 @@ the model, losses or data, regenerate it with `WILDZOO_UPDATE_REFERENCE=1 pytest
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -183,47 +184,43 @@ def test_per_layer_normalization_is_detected_and_keeps_scale_across_models(zoo_c
     assert fit_normalizer(cat, refs, "per-tensor").mode == "per-tensor"
 
 
-def test_views_permute_hidden_units_and_carry_what_rebuilding_needs(zoo_catalog):
-    from train.behaviour import Behaviour, denormalize, model_archs
+def _zoo_tokens(zoo_catalog, n_models: int):
+    """The first `n_models` of the shared zoo catalog read for training (per-layer normalization, architectures
+    known), and the behaviour of those architectures."""
+    from train.behaviour import Behaviour, model_archs
     from train.data import fit_normalizer, read_models
 
-    _, cat_path = zoo_catalog
-    cat = Catalog.open(str(cat_path))
-    refs = list_models(cat)[:6]
-    norm = fit_normalizer(cat, list_models(cat))
+    cat = Catalog.open(str(zoo_catalog[1]))
+    refs = list_models(cat)[:n_models]
     arch_of = model_archs(cat, [r.model_id for r in refs])
     keys = sorted(set(arch_of.values()))
-    tokens = read_models(cat, refs, norm, {m: keys.index(k) for m, k in arch_of.items()})
+    tokens = read_models(cat, refs, fit_normalizer(cat, list_models(cat)), {m: keys.index(k) for m, k in arch_of.items()})
+    return cat, tokens, Behaviour(keys, cat.spec.token_size)
+
+
+def test_views_permute_hidden_units_and_carry_what_rebuilding_needs(zoo_catalog):
+    from train.behaviour import denormalize
+
+    _, tokens, beh = _zoo_tokens(zoo_catalog, 6)
     assert all(p is not None for p in tokens.plans)
     model, start = tokens.windows(64, np.random.default_rng(0))
     b = tokens.batch(model, start, 64, np.random.default_rng(1), permute=1.0)
     assert (b["arch"] >= 0).all() and not np.allclose(b["values"], b["values2"])
     # the two views are the same functions: rebuilt, they give the same outputs on the query images
-    beh = Behaviour(keys, cat.spec.token_size)
     t = {k: torch.from_numpy(v) for k, v in b.items()}
-    for i, a in beh.archs.items():
-        sel = torch.nonzero(t["arch"] == i).flatten()
-        sub = {k: v[sel] for k, v in t.items()}
-        one, two = (a.outputs(denormalize(sub[k], sub), beh.query) for k in ("values", "values2"))
+    groups = list(beh.groups(t))
+    assert sum(len(sel) for _, sel, _ in groups) == len(model)
+    for a, sel, sub in groups:
+        one, two = (a.outputs(denormalize(t[k][sel], sub), beh.query) for k in ("values", "values2"))
         torch.testing.assert_close(one, two, atol=1e-4, rtol=1e-4)
     # and a view carries no behavioural loss against itself
     assert float(beh.loss(t["values"], t["values"], t)) == pytest.approx(0.0, abs=1e-6)
 
 
 def test_behavioural_loss_reaches_the_backbone_and_weight_zero_is_the_old_loss(zoo_catalog):
-    from train.behaviour import Behaviour, model_archs
-    from train.data import fit_normalizer, read_models
-
-    _, cat_path = zoo_catalog
-    cat = Catalog.open(str(cat_path))
-    refs = list_models(cat)[:4]
-    norm = fit_normalizer(cat, list_models(cat))
-    arch_of = model_archs(cat, [r.model_id for r in refs])
-    keys = sorted(set(arch_of.values()))
-    tokens = read_models(cat, refs, norm, {m: keys.index(k) for m, k in arch_of.items()})
+    cat, tokens, beh = _zoo_tokens(zoo_catalog, 4)
     model_idx, start = tokens.windows(64, np.random.default_rng(0))
     batch = {k: torch.from_numpy(v) for k, v in tokens.batch(model_idx, start, 64, np.random.default_rng(1), 1.0).items()}
-    beh = Behaviour(keys, cat.spec.token_size)
     cfg = ModelConfig.debug(token_size=cat.spec.token_size)
 
     def run(loss_cfg: LossConfig, behaviour) -> tuple[dict, Backbone]:
@@ -241,6 +238,10 @@ def test_behavioural_loss_reaches_the_backbone_and_weight_zero_is_the_old_loss(z
     off, _ = run(LossConfig(behaviour=0.0), beh)
     old, _ = run(LossConfig(), None)
     assert "behaviour" not in off and torch.equal(off["loss"], old["loss"])
+    # the behaviour head (predicting the original's outputs from pooled latents) shares the originals' run
+    cfg = dataclasses.replace(cfg, behaviour_queries=8)
+    both, m = run(LossConfig(behaviour=1.0), beh)
+    assert both["behaviour"] > 0 and both["behaviour_head"] > 0 and m.behaviour_head[0].weight.grad.abs().sum() > 0
 
 
 def test_ranks_take_equal_steps_and_the_split_holds_out_the_probe_models(zoo_catalog):

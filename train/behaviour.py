@@ -13,6 +13,7 @@ vmapped over every window of one architecture at once (`torch.func.functional_ca
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import numpy as np
@@ -95,15 +96,6 @@ def build_arch(key: str, token_size: int) -> Arch | None:
                 [(names[i], names[plan[i].bias_idx]) for i in carriers])
 
 
-def query_images(n: int = N_QUERY, test: bool = False) -> Tensor:
-    """The fixed query batch: the first `n` digits training images (or the whole test split, with labels
-    available through `zoo.data`)."""
-    from zoo.data import load_digits_split
-
-    x_train, _, x_test, _ = load_digits_split()
-    return x_test if test else x_train[:n]
-
-
 def denormalize(values: Tensor, batch: dict[str, Tensor]) -> Tensor:
     """Raw weights (B, T, S) from normalized token values: value · σ + μ of the token's tensor, and of its
     packed bias in the bias column (`n_valid − 1` of tokens with `has_bias`)."""
@@ -115,13 +107,18 @@ def denormalize(values: Tensor, batch: dict[str, Tensor]) -> Tensor:
     return values.float() * sd + mu
 
 
+_DENORM = ("has_bias", "n_valid", "mu", "sd", "bmu", "bsd")  # what de-normalizing a window needs
+
+
 class Behaviour:
-    """The behavioural loss for windows whose `arch` (B,) names one of `keys` (−1: not rebuildable)."""
+    """Behavioural losses for windows whose `arch` (B,) names one of `keys` (−1: not rebuildable)."""
 
     def __init__(self, keys: list[str], token_size: int, temperature: float = 2.0, n_query: int = N_QUERY) -> None:
+        from zoo.data import load_digits_split
+
         self.archs = {i: a for i, k in enumerate(keys) if (a := build_arch(k, token_size)) is not None}
         self.temperature = temperature
-        self.query = query_images(n_query)
+        self.query = load_digits_split()[0][:n_query]  # the first digits training images, fixed
 
     def to(self, device: torch.device) -> Behaviour:
         self.query = self.query.to(device)
@@ -129,45 +126,44 @@ class Behaviour:
             a.net.to(device)
         return self
 
-    def loss(self, recon: Tensor, target: Tensor, batch: dict[str, Tensor]) -> Tensor:
-        """T²·KL(original ‖ rebuilt) of softmax outputs at temperature T, averaged over rebuildable windows.
-
-        recon, target: normalized values (B, T, S); zero (attached to the graph) when no window qualifies."""
-        total, count = recon.sum() * 0.0, 0
-        arch = batch["arch"]
-        for i, a in self.archs.items():
-            sel = torch.nonzero(arch == i).flatten()
-            if len(sel) == 0:
-                continue
-            sub = {k: v[sel] for k, v in batch.items() if k in ("has_bias", "n_valid", "mu", "sd", "bmu", "bsd")}
-            with torch.no_grad():
-                want = a.outputs(denormalize(target[sel], sub), self.query)  # (G, Q, C)
-            got = a.outputs(denormalize(recon[sel], sub), self.query)
-            T = self.temperature
-            kl = F.kl_div(F.log_softmax(got.float() / T, -1), F.log_softmax(want.float() / T, -1), log_target=True,
-                          reduction="none").sum(-1).mean(-1)  # (G,)
-            total = total + (T * T) * kl.sum()
-            count += len(sel)
-        return total / max(count, 1)
-
-    def head_loss(self, predicted: Tensor, target: Tensor, batch: dict[str, Tensor]) -> Tensor:
-        """T²·KL(original ‖ predicted) of the outputs on the first Q query images that the behaviour head
-        predicts (B, Q, C) from each window's pooled latents, averaged over rebuildable windows (a permuted
-        view computes the same function, so both views share the target)."""
-        total, count = predicted.sum() * 0.0, 0  # attached even where no window qualifies (DDP)
-        Q, T = predicted.shape[1], self.temperature
+    def groups(self, batch: dict[str, Tensor]) -> Iterator[tuple[Arch, Tensor, dict[str, Tensor]]]:
+        """(architecture, window indices, what de-normalizing them needs) per architecture present in `batch`."""
         for i, a in self.archs.items():
             sel = torch.nonzero(batch["arch"] == i).flatten()
-            if len(sel) == 0:
-                continue
-            sub = {k: v[sel] for k, v in batch.items() if k in ("has_bias", "n_valid", "mu", "sd", "bmu", "bsd")}
+            if len(sel):
+                yield a, sel, {k: batch[k][sel] for k in _DENORM}
+
+    def _kl(self, got: Tensor, want: Tensor) -> Tensor:
+        """Σ over G models of T²·KL(want ‖ got) of softmax outputs at temperature T, averaged over queries."""
+        T = self.temperature
+        kl = F.kl_div(F.log_softmax(got.float() / T, -1), F.log_softmax(want.float() / T, -1), log_target=True,
+                      reduction="none")
+        return (T * T) * kl.sum(-1).mean(-1).sum()
+
+    def losses(self, target: Tensor, batch: dict[str, Tensor], recon: Tensor | None = None,
+               predicted: Tensor | None = None) -> dict[str, Tensor]:
+        """Behavioural losses averaged over rebuildable windows, the originals (`target`, normalized values
+        (B, T, S)) run once for both: `behaviour`, the model rebuilt from `recon` (B, T, S) against the
+        original; `behaviour_head`, the outputs on the first Q query images that the behaviour head predicts
+        (`predicted` (B, Q, C)) against the original's (a permuted view computes the same function, so both
+        views share it). Each is zero, attached to the graph, when no window qualifies (DDP needs a gradient)."""
+        sums = {name: x.sum() * 0.0 for name, x in (("behaviour", recon), ("behaviour_head", predicted))
+                if x is not None}
+        count = 0
+        for a, sel, sub in self.groups(batch):
             with torch.no_grad():
-                want = a.outputs(denormalize(target[sel], sub), self.query[:Q])  # (G, Q, C)
-            kl = F.kl_div(F.log_softmax(predicted[sel].float() / T, -1), F.log_softmax(want.float() / T, -1),
-                          log_target=True, reduction="none").sum(-1).mean(-1)
-            total = total + (T * T) * kl.sum()
+                query = self.query if recon is not None else self.query[: predicted.shape[1]]
+                want = a.outputs(denormalize(target[sel], sub), query)  # (G, Q, C)
+            if recon is not None:
+                sums["behaviour"] = sums["behaviour"] + self._kl(a.outputs(denormalize(recon[sel], sub), query), want)
+            if predicted is not None:
+                sums["behaviour_head"] = sums["behaviour_head"] + self._kl(predicted[sel], want[:, : predicted.shape[1]])
             count += len(sel)
-        return total / max(count, 1)
+        return {name: total / max(count, 1) for name, total in sums.items()}
+
+    def loss(self, recon: Tensor, target: Tensor, batch: dict[str, Tensor]) -> Tensor:
+        """T²·KL(original ‖ rebuilt) of softmax outputs at temperature T, averaged over rebuildable windows."""
+        return self.losses(target, batch, recon=recon)["behaviour"]
 
 
 def accuracy(a: Arch, raw: Tensor, x: Tensor, y: Tensor) -> np.ndarray:
@@ -191,7 +187,7 @@ def reconstruction_report(model: torch.nn.Module, cat: Catalog, refs: list, norm
     from zoo.data import load_digits_split
 
     S = model.cfg.token_size
-    built = {i: a for i, k in enumerate(keys) if (a := build_arch(k, S)) is not None}
+    behaviour = Behaviour(keys, S)
     _, _, x_test, y_test = load_digits_split()
     err = count = 0.0
     orig, rebuilt = [], []
@@ -201,12 +197,9 @@ def reconstruction_report(model: torch.nn.Module, cat: Catalog, refs: list, norm
         real = torch.arange(S) < batch["n_valid"][..., None]
         err += float(((recon - batch["values"]) ** 2)[real].sum())
         count += float(real.sum())
-        for i, a in built.items():
-            sel = torch.nonzero(batch["arch"] == i).flatten()
-            if len(sel):
-                sub = {k: v[sel] for k, v in batch.items()}
-                orig.append(accuracy(a, denormalize(sub["values"], sub), x_test, y_test))
-                rebuilt.append(accuracy(a, denormalize(recon[sel], sub), x_test, y_test))
+        for a, sel, sub in behaviour.groups(batch):
+            orig.append(accuracy(a, denormalize(batch["values"][sel], sub), x_test, y_test))
+            rebuilt.append(accuracy(a, denormalize(recon[sel], sub), x_test, y_test))
     out = {"models": len(refs), "mse": err / max(count, 1.0)}
     if orig:
         o, r = np.concatenate(orig), np.concatenate(rebuilt)

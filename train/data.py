@@ -32,6 +32,7 @@ the probe (`train.probe.group_split`) puts on its test side for any of the run's
 
 from __future__ import annotations
 
+import functools
 import logging
 from collections import defaultdict
 from collections.abc import Iterator
@@ -156,6 +157,15 @@ class Normalizer:
     def from_dict(cls, d: dict) -> Normalizer:
         return cls(d["mode"], {int(k): (float(v[0]), float(v[1])) for k, v in d.get("layer", {}).items()},
                    tuple(d["stats_mu"]), tuple(d["stats_sd"]))
+
+    @functools.cached_property
+    def layer_arrays(self) -> tuple[np.ndarray, np.ndarray]:
+        """(μ, σ) indexed by tensor_idx (0 and 1 where the training split had no such tensor), built once."""
+        n = max(self.layer, default=-1) + 1
+        mu, sd = np.zeros(n), np.ones(n)
+        for i, (m, v) in self.layer.items():
+            mu[i], sd[i] = m, v
+        return mu, sd
 
     def scale_stats(self, raw: np.ndarray) -> np.ndarray:
         return ((raw - np.asarray(self.stats_mu)) / np.asarray(self.stats_sd)).astype(np.float32)
@@ -390,12 +400,11 @@ def _stat(t: pa.Table, name: str, default: float) -> np.ndarray:
 def _center_scale(t: pa.Table, norm: Normalizer, idx_col: str, mean_col: str, std_col: str) -> tuple[np.ndarray, np.ndarray]:
     """(μ, σ) per token row: the tensor's own (per-tensor) or its layer's over the population (per-layer)."""
     if norm.mode == "per-layer":
-        idx = t.column(idx_col).to_numpy(zero_copy_only=False)
-        idx = np.where(np.isfinite(idx.astype(np.float64)), idx, -1).astype(np.int64)
-        table = norm.layer
-        mu = np.array([table.get(int(i), (0.0, 1.0))[0] for i in idx], dtype=np.float32)
-        sd = np.array([table.get(int(i), (0.0, 1.0))[1] for i in idx], dtype=np.float32)
-        return mu, sd
+        mu_of, sd_of = norm.layer_arrays
+        idx = t.column(idx_col).fill_null(-1).to_numpy().astype(np.int64)
+        known = (idx >= 0) & (idx < len(mu_of))
+        idx = np.where(known, idx, 0)
+        return np.where(known, mu_of[idx], 0.0).astype(np.float32), np.where(known, sd_of[idx], 1.0).astype(np.float32)
     return _stat(t, mean_col, 0.0), _stat(t, std_col, 1.0)
 
 

@@ -153,21 +153,6 @@ def format_summary(summary: list[dict], methods: list[str] | None = None) -> str
     return "\n".join(lines)
 
 
-def format_results(results: list[dict]) -> str:
-    """A property × method table."""
-    methods = list(dict.fromkeys(r["method"] for r in results))
-    props = list(dict.fromkeys((r["property"], r["metric"]) for r in results))
-    cell = {(r["property"], r["metric"], r["method"]): r["value"] for r in results}
-    width = max(12, *(len(m) for m in methods))
-    pw = max(10, *(len(p) for p, _ in props))
-    lines = [f"{'property':{pw}s} {'metric':8s} " + " ".join(f"{m:>{width}s}" for m in methods)]
-    for p, metric in props:
-        vals = [cell.get((p, metric, m)) for m in methods]
-        lines.append(f"{p:{pw}s} {metric:8s} " + " ".join(
-            f"{'-':>{width}s}" if v is None else f"{v:>{width}.3f}" for v in vals))
-    return "\n".join(lines)
-
-
 def save(results: list[dict], preds: dict, out: Path, summary: list[dict] | None = None) -> list[Path]:
     """probe.json (every seed's results and their summary) and the pictures: predicted vs true test accuracy
     per method (first seed); a 2-D map of s(W)."""

@@ -183,6 +183,7 @@ def train_loop(config: dict[str, Any]) -> dict[str, Any]:
     torch.manual_seed(cfg.seed * 1000 + rank + 7919 * start_epoch)  # augmentations differ across ranks
     amp = cfg.amp and device.type == "cuda"
 
+    writer = tensorboard_writer(config.get("run")) if rank == 0 and start_epoch < cfg.epochs else None
     for epoch in range(start_epoch, cfg.epochs):
         t0 = last_log = time.time()
         per_step: list[dict[str, float]] = []
@@ -228,7 +229,12 @@ def train_loop(config: dict[str, Any]) -> dict[str, Any]:
                      "lr %.2e  %.1fs, %.0f windows/s", epoch + 1, cfg.epochs, loss, mse, smse, ntx, beh, head, val,
                      metrics["lr"], seconds, metrics["windows_per_s"])
             append_steps(config.get("run"), epoch + 1, per_step)
-            tensorboard(config.get("run"), per_step)
+            if writer is not None:
+                for r in per_step:
+                    for k, v in r.items():
+                        if k not in ("epoch", "step"):
+                            writer.add_scalar(f"train/{k}", v, int(r["step"]))
+                writer.flush()
             with tempfile.TemporaryDirectory() as d:
                 torch.save({"model": _unwrap(model).state_dict(), "optimizer": optimizer.state_dict(),
                             "scheduler": scheduler.state_dict(), "epoch": epoch, "history": history,
@@ -236,6 +242,8 @@ def train_loop(config: dict[str, Any]) -> dict[str, Any]:
                 ray.train.report(metrics, checkpoint=Checkpoint.from_directory(d))
         else:
             ray.train.report(metrics, checkpoint=None)
+    if writer is not None:
+        writer.close()
     return {"start_epoch": start_epoch, "history": history}
 
 
@@ -408,20 +416,16 @@ def append_steps(run_uri: str | None, epoch: int, steps: list[dict[str, float]])
     run.write_bytes("metrics.jsonl", "".join(line + "\n" for line in kept + [json.dumps(r) for r in steps]).encode())
 
 
-def tensorboard(run_uri: str | None, steps: list[dict[str, float]]) -> None:
-    """TensorBoard event files under RUN/tensorboard (rank 0; tensorboardX, which Ray Train installs), for a
-    run folder on the local disk; `tensorboard --logdir RUN/tensorboard` shows every per-step metric."""
-    if not run_uri or "://" in run_uri or not steps:
-        return
+def tensorboard_writer(run_uri: str | None):
+    """A TensorBoard writer for RUN/tensorboard (tensorboardX, which Ray Train installs) where the run folder is
+    on the local disk, else None; `tensorboard --logdir RUN/tensorboard` shows every per-step metric."""
+    if not run_uri or "://" in run_uri:
+        return None
     try:
         from tensorboardX import SummaryWriter
     except ImportError:
-        return
-    with SummaryWriter(logdir=str(Path(run_uri) / "tensorboard")) as w:
-        for r in steps:
-            for k, v in r.items():
-                if k not in ("epoch", "step"):
-                    w.add_scalar(f"train/{k}", v, int(r["step"]))
+        return None
+    return SummaryWriter(logdir=str(Path(run_uri) / "tensorboard"))
 
 
 def plot_curve(run: RunDir, history: list[dict[str, float]]) -> None:

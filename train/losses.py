@@ -119,12 +119,10 @@ def backbone_loss(model: nn.Module, batch: Batch, cfg: LossConfig, behaviour=Non
     ntx = nt_xent(proj[:B], proj[B:], cfg.tau)
     rec = mse + cfg.stats_weight * stats_mse
     out = {"mse": mse, "stats_mse": stats_mse, "ntx": ntx}
-    if behaviour is not None and cfg.behaviour > 0:
-        out["behaviour"] = behaviour.loss(recon[..., :S], target[..., :S], both)
-        rec = rec + cfg.behaviour * out["behaviour"]
-    if predicted is not None:
-        if behaviour is None:
-            raise ValueError("a backbone with a behaviour head needs the behaviour of its windows (train.behaviour)")
-        out["behaviour_head"] = behaviour.head_loss(predicted, target[..., :S], both)
-        rec = rec + cfg.behaviour_head * out["behaviour_head"]
+    if predicted is not None and behaviour is None:
+        raise ValueError("a backbone with a behaviour head needs the behaviour of its windows (train.behaviour)")
+    rebuild = behaviour is not None and cfg.behaviour > 0
+    if rebuild or predicted is not None:
+        out.update(behaviour.losses(target[..., :S], both, recon[..., :S] if rebuild else None, predicted))
+        rec = rec + cfg.behaviour * out.get("behaviour", 0.0) + cfg.behaviour_head * out.get("behaviour_head", 0.0)
     return {"loss": cfg.gamma * ntx + (1 - cfg.gamma) * rec, **out}
