@@ -25,6 +25,7 @@ from train.model import ModelConfig
 SCHEDULES = ("onecycle", "constant")
 FLAVOURS = ("debug", "small", "base")
 NORMS = ("auto", "per-tensor", "per-layer")  # train.data.NORMS
+RETIRED = ("chunk_mb", "cache_mb")  # settings of the per-worker reader before the Ray Data stream: ignored when read
 
 
 @dataclass(frozen=True)
@@ -61,8 +62,10 @@ class TrainConfig:
     max_failures: int = 3  # worker or node failures survived by restarting from the last checkpoint
     keep_checkpoints: int = 2
     amp: bool = True  # bfloat16 autocast, on CUDA only
-    chunk_mb: int = 256  # tokens read from the catalog at a time, per worker
-    cache_mb: int = 1024  # a worker keeps its tokens in memory across epochs when they fit in this
+    data_cpus: float = 1.0  # CPU slots reserved for Ray Data's window tasks, next to the workers' (train/stream.py)
+    unit_mb: int = 4  # tokens one Ray Data task reads and cuts into windows (whole models of one shard)
+    prefetch_batches: int = 4  # batches each worker's stream prepares while a step runs
+    shuffle_windows: int = 0  # windows in each worker's local shuffle buffer (0: 8 × batch_size)
 
     def __post_init__(self) -> None:
         checks = [
@@ -90,7 +93,11 @@ class TrainConfig:
             (self.val_batches >= 0, "val_batches must be >= 0"),
             (self.max_failures >= 0, "max_failures must be >= 0"),
             (self.keep_checkpoints >= 1, "keep_checkpoints must be >= 1"),
-            (self.chunk_mb >= 1 and self.cache_mb >= 0, "chunk_mb must be >= 1 and cache_mb >= 0"),
+            (self.data_cpus > 0, "data_cpus must be > 0"),
+            (self.unit_mb >= 1, "unit_mb must be >= 1"),
+            (self.prefetch_batches >= 1, "prefetch_batches must be >= 1"),
+            (self.shuffle_windows == 0 or self.shuffle_windows >= self.batch_size,
+             "shuffle_windows must be 0 (auto) or >= batch_size"),
         ]
         for ok, message in checks:
             if not ok:
@@ -99,7 +106,7 @@ class TrainConfig:
     @classmethod
     def debug(cls) -> TrainConfig:
         """The debug flavour: a tiny backbone, two epochs, a high learning rate; seconds on a CPU."""
-        return cls(model=ModelConfig.debug(), epochs=2, batch_size=16, lr=3e-3, warmup=0.2, cache_mb=256, views=4)
+        return cls(model=ModelConfig.debug(), epochs=2, batch_size=16, lr=3e-3, warmup=0.2, views=4)
 
     @classmethod
     def small(cls) -> TrainConfig:
@@ -138,7 +145,7 @@ class TrainConfig:
         base = base or cls()
         if not isinstance(data, dict):
             raise WildzooError(f"{where}: expected a table of settings, got {type(data).__name__}")
-        changes = _checked(cls, data, where, skip=("model",))
+        changes = _checked(cls, data, where, skip=("model", *RETIRED))
         model = data.get("model", {})
         if not isinstance(model, dict):
             raise WildzooError(f"{where}: 'model' must be a table of model settings")

@@ -10,20 +10,9 @@ what normalizing may take away — the scale — compressed with asinh/log and s
 de-normalizing needs (`mu`, `sd`, `bmu`, `bsd`, `has_bias`). For permutable models (the zoo's CNNs and
 MLPs as row tokens) a training batch has a second view `values2` with hidden units permuted.
 
-How windows reach the workers — a per-worker Parquet reader sharded by rank, not Ray Data:
-- a window must hold tokens of one model in order; the unit of reading is therefore a set of whole
-  models of one shard (`tokens/<shard>.parquet`, filtered on `model_id`), not Ray Data's blocks,
-  which cut models at row-group boundaries;
-- DDP needs every rank to take the same number of steps. Window counts follow from `models.n_tokens`
-  alone, so each rank computes every rank's count from the catalog's metadata and all take the
-  minimum: no extra collective, no `equal=True` streaming split;
-- on 2 cores, Ray Train plus Ray Data deadlocked with `num_cpus=2` (backpressured reads wait for CPU
-  slots the train workers hold) and ran only with logical oversubscription. A reader inside each
-  worker needs no extra CPU slot, so `--workers N` asks Ray for exactly N worker slots.
-Memory stays bounded: a worker reads `chunk_tokens` at a time (models of one shard), shuffles
-windows within the chunk and the leftovers of the previous one; when all its tokens fit in
-`cache_tokens` it reads them once, as one chunk in model_id order, and keeps them across epochs —
-so a small catalog trains the same whatever way its crawl cut the shards.
+How windows reach the workers: Ray Data (train/stream.py) maps units of whole models through
+`read_models` and `Tokens.batch`; `tiled_batches` is the same in one process (embedding in the driver,
+the reconstruction report).
 
 The split is by trained model (`models.repo_id`): `split_models` holds out every trained model that
 the probe (`train.probe.group_split`) puts on its test side for any of the run's split seeds, so
@@ -320,9 +309,8 @@ class Tokens:
               rng: np.random.Generator | None = None, permute: float = 0.0) -> BatchArrays:
         """Arrays of windows (B, T, ...) at (model index, start); positions past a model's end are padding.
 
-        With `rng` and `permute` > 0, adds `values2`: a second view of each window in which, with
-        probability `permute`, the hidden units of a permutable model that fits the window are
-        permuted (and `values` itself permuted independently): the same function, other weights.
+        `plan` carries the permutation plan of a permutable model that fits its window. With `rng` and
+        `permute` > 0, adds `values2` (`permute_views`).
         """
         idx = self.offsets[model][:, None] + start[:, None] + np.arange(window)  # (B, T)
         real = idx < self.offsets[model + 1][:, None]
@@ -333,27 +321,53 @@ class Tokens:
         out["has_bias"] = real & self.has_bias[idx]
         for name in ("sd", "bsd"):
             out[name] = np.where(real, getattr(self, name)[idx], 1).astype(np.float32)
-        # a window holding a whole model of a known architecture can be rebuilt and run (behavioural loss)
+        # a window holding a whole model of a known architecture can be rebuilt and run (behavioural loss),
+        # and permuted when the model is permutable
         whole = (start == 0) & (self.lengths[model] <= window)
         arch = self.arch if self.arch is not None else np.full(len(self.model_ids), -1)
         out["arch"] = np.where(whole, arch[model], -1).astype(np.int64)
+        plans = np.stack([encode_plan(p) for p in self.plans]) if self.plans else \
+            np.zeros((len(self.model_ids), MAX_PLAN, 4), dtype=np.int64)
+        out["plan"] = np.where(whole[:, None, None], plans[model], 0)
+        out["values"] = self.values[idx] * real[..., None]
         if rng is None or permute <= 0:
-            out["values"] = self.values[idx] * real[..., None]
             return out
-        S = self.values.shape[1]
-        for key in ("values", "values2"):
-            tok = idx.copy()
-            col = np.broadcast_to(np.arange(S), (*idx.shape, S)).copy()
-            for b in np.flatnonzero((start == 0) & (rng.random(len(model)) < permute)):
-                plan = self.plans[model[b]] if self.plans else None
-                if plan is None or self.lengths[model[b]] > window:
-                    continue
-                src_tok, src_col = permute_index(plan, S, rng)
-                n = len(src_tok)
-                tok[b, :n] = self.offsets[model[b]] + src_tok
-                col[b, :n] = src_col
-            out[key] = self.values[tok[..., None], col] * real[..., None]
-        return out
+        return permute_views(out, permute, rng)
+
+
+MAX_PLAN = 32  # layers of a permutable model a window carries (deeper models are not permuted)
+
+
+def encode_plan(plan: list[Layer] | None) -> np.ndarray:
+    """A permutation plan as a (MAX_PLAN, 4) array (start, rows, width, bias per layer; zeros: none), so that a
+    window row carries its own."""
+    out = np.zeros((MAX_PLAN, 4), dtype=np.int64)
+    if plan is not None and len(plan) <= MAX_PLAN:
+        out[: len(plan)] = [(p.start, p.rows, p.width, int(p.bias)) for p in plan]
+    return out
+
+
+def decode_plan(rows: np.ndarray) -> list[Layer] | None:
+    layers = [Layer(int(a), int(r), int(w), bool(b)) for a, r, w, b in rows if r > 0]
+    return layers or None
+
+
+def permute_views(arrays: BatchArrays, permute: float, rng: np.random.Generator) -> BatchArrays:
+    """Adds `values2` to a batch of windows: a second view in which, with probability `permute`, the hidden units
+    of each window's permutable model (its `plan`) are permuted — and `values` itself independently: the same
+    function, other weights. Only values move: a layer's tokens share their statistics and normalization."""
+    S = arrays["values"].shape[-1]
+    out = dict(arrays)
+    for key in ("values", "values2"):
+        values = np.array(arrays["values"], copy=True)
+        for b in np.flatnonzero(rng.random(len(values)) < permute):
+            plan = decode_plan(arrays["plan"][b])
+            if plan is None:
+                continue
+            src_tok, src_col = permute_index(plan, S, rng)
+            values[b, : len(src_tok)] = arrays["values"][b, src_tok[:, None], src_col]
+        out[key] = values
+    return out
 
 
 def read_tokens(cat: Catalog, shard: str, model_ids: list[str], norm: Normalizer | None = None) -> Tokens:
@@ -511,70 +525,6 @@ def chunks(refs: list[ModelRef], chunk_tokens: int) -> list[list[ModelRef]]:
 
 def n_windows(ref: ModelRef, window: int) -> int:
     return max(1, -(-ref.n_tokens // window))
-
-
-def assign_ranks(refs: list[ModelRef], world: int, window: int) -> list[list[ModelRef]]:
-    """Whole models to ranks, balanced by window count (largest first to the least loaded rank)."""
-    load = [0] * world
-    out: list[list[ModelRef]] = [[] for _ in range(world)]
-    for r in sorted(refs, key=lambda r: (-n_windows(r, window), r.model_id)):
-        rank = min(range(world), key=lambda i: (load[i], i))
-        out[rank].append(r)
-        load[rank] += n_windows(r, window)
-    return [sorted(rs, key=lambda r: r.model_id) for rs in out]
-
-
-class WindowStream:
-    """One rank's training windows, epoch after epoch; every rank yields the same number of batches."""
-
-    def __init__(self, cat: Catalog, refs: list[ModelRef], window: int, batch_size: int, rank: int = 0,
-                 world: int = 1, seed: int = 0, chunk_tokens: int = 1 << 16, cache_tokens: int = 1 << 20,
-                 norm: Normalizer | None = None, views: int = 1, permute: float = 0.0,
-                 archs: dict[str, int] | None = None) -> None:
-        per_rank = assign_ranks(refs, world, window)
-        counts = [views * sum(n_windows(r, window) for r in rs) for rs in per_rank]
-        if min(counts) == 0:
-            raise WildzooError(f"{len(refs)} model(s) cannot feed {world} workers: use fewer workers")
-        self.cat, self.window, self.batch_size, self.rank, self.seed = cat, window, batch_size, rank, seed
-        self.norm, self.views, self.permute, self.archs = norm, views, permute, archs
-        self.refs = per_rank[rank]
-        self.windows_per_rank = counts
-        self.steps = max(1, min(counts) // batch_size)
-        # tokens that fit in the cache are read once, as one chunk (windows then mix all of them)
-        fits = sum(r.n_tokens for r in self.refs) <= cache_tokens
-        self.chunks = chunks(self.refs, max(chunk_tokens, cache_tokens) if fits else chunk_tokens)
-        self.cache: dict[int, Tokens] | None = {} if fits else None
-
-    def _tokens(self, i: int) -> Tokens:
-        if self.cache is not None and i in self.cache:
-            return self.cache[i]
-        tokens = read_models(self.cat, self.chunks[i], self.norm, self.archs)
-        if self.cache is not None:
-            self.cache[i] = tokens
-        return tokens
-
-    def epoch(self, epoch: int) -> Iterator[BatchArrays]:
-        """`self.steps` batches of windows in a fresh random order (seeded by seed, epoch and rank)."""
-        rng = np.random.default_rng([self.seed, epoch, self.rank])
-        leftover: BatchArrays | None = None
-        emitted = 0
-        for i in rng.permutation(len(self.chunks)):
-            tokens = self._tokens(int(i))
-            model, start = tokens.windows(self.window, rng, self.views)
-            arrays = tokens.batch(model, start, self.window, rng, self.permute)
-            if leftover is not None:
-                arrays = {k: np.concatenate([leftover[k], v]) for k, v in arrays.items()}
-            order = rng.permutation(len(arrays["values"]))
-            arrays = {k: v[order] for k, v in arrays.items()}
-            n_full = len(order) // self.batch_size
-            for b in range(n_full):
-                yield {k: v[b * self.batch_size: (b + 1) * self.batch_size] for k, v in arrays.items()}
-                emitted += 1
-                if emitted == self.steps:
-                    return
-            leftover = {k: v[n_full * self.batch_size:] for k, v in arrays.items()}
-        if leftover is not None and len(leftover["values"]) and emitted < self.steps:
-            yield leftover  # fewer windows than one batch on the smallest rank
 
 
 def tiled_batches(cat: Catalog, refs: list[ModelRef], window: int, batch_size: int,

@@ -8,12 +8,17 @@ token latent (`embedding_mean`, for comparison). Sums are per model, so an embed
 on how windows fall into batches. The table `embeddings/<run_id>.parquet` (model_id, run, embedding,
 embedding_mean, epoch, created_at) is written whole under a temporary name and renamed, replacing an
 older embedding by the same run; it joins `models` on model_id in SQL.
+
+The job is Ray Data batch inference (`embed_stream`): units of whole models of one shard (train/stream.py)
+mapped by a pool of actors that each load the backbone once (on a GPU where the cluster has them);
+`embed_models` is the same computation in one process, which the pool's rows equal.
 """
 
 from __future__ import annotations
 
 import datetime as dt
 import logging
+import os
 import time
 from typing import Any
 
@@ -54,14 +59,23 @@ def layer_counts(cat: Catalog, refs: list[ModelRef]) -> np.ndarray:
     return np.array([max(1, int(rows.get(r.model_id) or 1)) for r in refs], dtype=np.int64)
 
 
+def pool_groups(n_layers: np.ndarray, d_latent: int) -> int:
+    """K, the layer groups every embedding of a catalog has (the same for every model, so columns line up)."""
+    return max(1, min(int(n_layers.max()), MAX_DIMS // d_latent))
+
+
 @torch.no_grad()
 def embed_models(model: Backbone, cat: Catalog, refs: list[ModelRef], batch_size: int = 256,
                  device: torch.device | str = "cpu", norm: Normalizer | None = None,
+                 n_layers: np.ndarray | None = None, K: int | None = None, progress: bool = True,
                  ) -> tuple[np.ndarray, np.ndarray]:
-    """(per-layer (len(refs), K·d_latent), mean (len(refs), d_latent)) float32, rows in the order of `refs`."""
+    """(per-layer (len(refs), K·d_latent), mean (len(refs), d_latent)) float32, rows in the order of `refs`.
+
+    `n_layers` (layers of each model) and `K` (layer groups) default to what the catalog says of `refs`;
+    give them when embedding a part of a catalog, so every part pools alike."""
     pos = {r.model_id: i for i, r in enumerate(refs)}
-    n_layers = layer_counts(cat, refs)
-    K = max(1, min(int(n_layers.max()), MAX_DIMS // model.cfg.d_latent))
+    n_layers = layer_counts(cat, refs) if n_layers is None else np.asarray(n_layers, dtype=np.int64)
+    K = pool_groups(n_layers, model.cfg.d_latent) if K is None else K
     L = model.cfg.d_latent
     sums = np.zeros((len(refs), K, L), dtype=np.float64)
     counts = np.zeros((len(refs), K), dtype=np.int64)
@@ -77,7 +91,7 @@ def embed_models(model: Backbone, cat: Catalog, refs: list[ModelRef], batch_size
         np.add.at(sums, (rows[b], group[b, t]), latent[b, t])
         np.add.at(counts, (rows[b], group[b, t]), 1)
         done += len(rows)
-        if time.time() - t0 > 10:
+        if progress and time.time() - t0 > 10:
             log.info("embedded %d windows", done)
             t0 = time.time()
     total = counts.sum(1)
@@ -89,21 +103,97 @@ def embed_models(model: Backbone, cat: Catalog, refs: list[ModelRef], batch_size
     return per_layer.reshape(len(refs), K * L).astype(np.float32), mean.astype(np.float32)
 
 
-def embed(catalog: str | Catalog, run_uri: str, batch_size: int = 256) -> dict[str, Any]:
-    """Embed every ok model of `catalog` with the backbone in `run_uri`; returns a summary."""
+class Embedder:
+    """A Ray Data actor (`map_batches(Embedder, compute=ActorPoolStrategy(...))`): loads the run's backbone once
+    (on the GPU where the actor has one), then embeds units of whole models of one shard (train/stream.py)."""
+
+    def __init__(self, catalog: str, run_uri: str, K: int, batch_size: int, threads: int = 0) -> None:
+        if threads:
+            torch.set_num_threads(threads)
+        self.cat = Catalog.open(catalog)
+        self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        self.model, meta = load_backbone(RunDir.at(run_uri), self.device)
+        self.norm = Normalizer.from_dict(meta["norm"]) if "norm" in meta else None
+        self.K, self.batch_size = K, batch_size
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        ids, per_layer, means = [], [], []
+        for shard, models, layers in zip(batch["shard"], batch["model_ids"], batch["n_layers"], strict=True):
+            refs = [ModelRef(str(m), str(m), 0, str(shard)) for m in models]
+            emb, mean = embed_models(self.model, self.cat, refs, self.batch_size, self.device, self.norm,
+                                     n_layers=np.asarray(layers), K=self.K, progress=False)
+            ids += [r.model_id for r in refs]
+            per_layer.append(emb)
+            means.append(mean)
+        return {"model_id": np.array(ids, dtype=object), "embedding": np.concatenate(per_layer),
+                "embedding_mean": np.concatenate(means)}
+
+
+def embed_stream(cat: Catalog, run_uri: str, refs: list[ModelRef], d_latent: int, batch_size: int = 256,
+                 actors: int = 0, unit_tokens: int = 1 << 14) -> tuple[np.ndarray, np.ndarray]:
+    """embed_models over `refs` as Ray Data batch inference: units of whole models mapped by a pool of `actors`
+    `Embedder`s (0: one per GPU of the cluster, else one per 4 CPUs, at least 1); rows in the order of `refs`."""
+    import ray
+    import ray.data
+    from ray.data import ActorPoolStrategy
+
+    from train.stream import quiet, units
+
+    n_layers = layer_counts(cat, refs)
+    layers_of = {r.model_id: int(n) for r, n in zip(refs, n_layers, strict=True)}
+    K = pool_groups(n_layers, d_latent)
+    rows = units(refs, unit_tokens)
+    for row in rows:
+        row["n_layers"] = [layers_of[m] for m in row["model_ids"]]
+    have = ray.cluster_resources()
+    gpus = int(have.get("GPU", 0))
+    actors = actors or gpus or max(1, int(have.get("CPU", 1)) // 4)
+    actors = max(1, min(actors, len(rows)))
+    quiet(ray.data.DataContext.get_current())
+    threads = 0 if gpus or os.environ.get("RAY_ADDRESS") else max(1, (os.cpu_count() or 1) // actors)
+    ds = ray.data.from_items(rows, override_num_blocks=len(rows)).map_batches(
+        Embedder, batch_size=1, compute=ActorPoolStrategy(size=actors), num_gpus=1 if gpus else 0, num_cpus=1,
+        fn_constructor_kwargs={"catalog": cat.uri if "://" in cat.uri else cat.root, "run_uri": run_uri, "K": K,
+                               "batch_size": batch_size, "threads": threads})
+    pos = {r.model_id: i for i, r in enumerate(refs)}
+    emb = np.zeros((len(refs), K * d_latent), dtype=np.float32)
+    mean = np.zeros((len(refs), d_latent), dtype=np.float32)
+    seen = np.zeros(len(refs), dtype=bool)
+    t0 = time.time()
+    for out in ds.iter_batches(batch_size=None, batch_format="numpy"):
+        idx = np.array([pos[str(m)] for m in out["model_id"]])
+        emb[idx], mean[idx], seen[idx] = out["embedding"], out["embedding_mean"], True
+        if time.time() - t0 > 10:
+            log.info("embedded %d/%d models", int(seen.sum()), len(refs))
+            t0 = time.time()
+    if not seen.all():
+        raise WildzooError(f"{int((~seen).sum())} model(s) came back without an embedding")
+    return emb, mean
+
+
+def embed(catalog: str | Catalog, run_uri: str, batch_size: int = 256, actors: int = 0) -> dict[str, Any]:
+    """Embed every ok model of `catalog` with the backbone in `run_uri` (a Ray Data job on the running Ray, or
+    on a local one started for it); returns a summary."""
+    from train.fit import ensure_ray
+
     t0 = time.time()
     cat = catalog if isinstance(catalog, Catalog) else Catalog.open(catalog)
     run = RunDir.at(run_uri)
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    model, meta = load_backbone(run, device)
+    model, meta = load_backbone(run, "cpu")
     if model.cfg.token_size != cat.spec.token_size:
         raise WildzooError(f"run {run.uri} reads tokens of {model.cfg.token_size} values; catalog {cat.uri} "
                            f"has {cat.spec.token_size}")
     refs = list_models(cat)
     if not refs:
         raise WildzooError(f"catalog {cat.uri} has no ok models with tokens to embed")
-    norm = Normalizer.from_dict(meta["norm"]) if "norm" in meta else None
-    emb, emb_mean = embed_models(model, cat, refs, batch_size, device, norm)
+    started = ensure_ray(max(1, actors))
+    try:
+        emb, emb_mean = embed_stream(cat, run.uri, refs, model.cfg.d_latent, batch_size, actors)
+    finally:
+        if started:
+            import ray
+
+            ray.shutdown()
     now = dt.datetime.now(dt.timezone.utc)
     table = pa.table({
         "model_id": [r.model_id for r in refs],

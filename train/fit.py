@@ -38,16 +38,14 @@ from train.config import TrainConfig
 from train.data import (
     ModelRef,
     Normalizer,
-    WindowStream,
-    assign_ranks,
     fit_normalizer,
     list_models,
     split_models,
-    tiled_batches,
 )
 from train.losses import backbone_loss
 from train.model import Backbone, ModelConfig
 from train.run import MODEL_FILE, RAY_RUN_NAME, RunDir, new_run_id
+from train.stream import data_config, window_count, window_dataset
 
 log = logging.getLogger(__name__)
 PROJECT_ROOT = str(Path(__file__).resolve().parent.parent)
@@ -82,36 +80,52 @@ def _all_sum(values: list[float], device: torch.device) -> list[float]:
     return t.tolist()
 
 
+def _all_max(value: float, device: torch.device) -> float:
+    """The largest of a value across ranks; the value itself on one worker."""
+    import torch.distributed as dist
+
+    t = torch.tensor([value], dtype=torch.float64 if device.type == "cpu" else torch.float32, device=device)
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return float(t.item())
+
+
 def _autocast(device: torch.device, enabled: bool):
     if enabled and device.type == "cuda" and torch.cuda.is_bf16_supported():
         return torch.autocast(device_type="cuda", dtype=torch.bfloat16)
     return contextlib.nullcontext()
 
 
-def validate(model: torch.nn.Module, cfg: TrainConfig, cat: Catalog, refs: list[ModelRef],
-             device: torch.device, amp: bool, norm: Normalizer | None = None, archs: dict[str, int] | None = None,
+def validate(model: torch.nn.Module, cfg: TrainConfig, batches, device: torch.device, amp: bool,
              behaviour=None) -> tuple[float, float]:
-    """(sum of losses, batches) over the held-out windows of this rank, with fixed augmentations."""
+    """(sum of losses, batches) over this rank's held-out windows (`batches`: its shard of the validation
+    stream), with the same augmentations every epoch so the curve compares."""
     model.eval()
     total, count = 0.0, 0
     state = torch.random.get_rng_state()
     cuda_state = torch.cuda.get_rng_state(device) if device.type == "cuda" else None
-    torch.manual_seed(cfg.seed + 12345)  # the same views every epoch, so the curve compares
+    torch.manual_seed(cfg.seed + 12345)
     if device.type == "cuda":
         torch.cuda.manual_seed(cfg.seed + 12345)
     with torch.no_grad():
-        for i, (_, _, arrays) in enumerate(tiled_batches(cat, refs, cfg.model.window, cfg.batch_size, norm=norm,
-                                                         archs=archs)):
-            if i == cfg.val_batches:
-                break
+        for batch in batches:
             with _autocast(device, amp):
-                total += float(backbone_loss(model, to_device(arrays, device), cfg.loss, behaviour)["loss"].detach())
+                total += float(backbone_loss(model, batch, cfg.loss, behaviour)["loss"].detach())
             count += 1
     torch.random.set_rng_state(state)
     if cuda_state is not None:
         torch.cuda.set_rng_state(cuda_state, device)
     model.train()
     return total, count
+
+
+def peak_rss_mb() -> float:
+    """This process's peak resident memory, in MiB."""
+    import resource
+    import sys
+
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / 2**20 if sys.platform == "darwin" else peak / 2**10
 
 
 def train_loop(config: dict[str, Any]) -> dict[str, Any]:
@@ -139,16 +153,20 @@ def train_loop(config: dict[str, Any]) -> dict[str, Any]:
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     torch.set_num_threads(cfg.cpus_per_worker)
     device = ray.train.torch.get_device()
-    cat = Catalog.open(config["catalog"])
-    train_refs = [ModelRef(**r) for r in config["train"]]
-    held = assign_ranks([ModelRef(**r) for r in config["held"]], world, cfg.model.window)[rank] if config["held"] else []
-    bytes_per_token = cfg.model.token_size * 4
-    norm = Normalizer.from_dict(config["norm"])
-    archs = config.get("archs") or {}
-    stream = WindowStream(cat, train_refs, cfg.model.window, cfg.batch_size, rank, world, cfg.seed,
-                          chunk_tokens=max(1, cfg.chunk_mb * 2**20 // bytes_per_token),
-                          cache_tokens=cfg.cache_mb * 2**20 // bytes_per_token, norm=norm, views=cfg.views,
-                          permute=cfg.permute, archs=archs)
+    from train.stream import window_collate
+
+    train_shard = ray.train.get_dataset_shard("train")
+    val_shard = ray.train.get_dataset_shard("val") if config.get("val_windows") else None
+    steps_per_epoch = int(config["steps_per_epoch"])
+    pin = device.type == "cuda"
+
+    def batches(shard, seed: int | None, shuffle: bool):
+        """One pass over this rank's shard of a stream: prefetched, locally shuffled (training), collated."""
+        return shard.iter_torch_batches(
+            batch_size=cfg.batch_size, drop_last=shuffle, prefetch_batches=cfg.prefetch_batches,
+            local_shuffle_buffer_size=cfg.shuffle_windows or 8 * cfg.batch_size if shuffle else None,
+            local_shuffle_seed=seed, collate_fn=window_collate(cfg.permute, seed), device=device, pin_memory=pin)
+
     behaviour = None
     if cfg.behaviour > 0 or cfg.model.behaviour_queries > 0:
         from train.behaviour import N_QUERY, Behaviour
@@ -168,7 +186,7 @@ def train_loop(config: dict[str, Any]) -> dict[str, Any]:
         model.load_state_dict(state["model"])
     model = ray.train.torch.prepare_model(model)
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    total_steps = cfg.epochs * stream.steps
+    total_steps = cfg.epochs * steps_per_epoch
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, partial(lr_factor, total=total_steps, warmup=cfg.warmup, schedule=cfg.schedule))
     start_epoch, history = 0, []
@@ -177,8 +195,8 @@ def train_loop(config: dict[str, Any]) -> dict[str, Any]:
         scheduler.load_state_dict(state["scheduler"])
         start_epoch, history = state["epoch"] + 1, list(state["history"])
     if rank == 0 and start_epoch < cfg.epochs:
-        log.info("rank 0 of %d on %s: %d models, %d windows/epoch, %d steps of %d; %s parameters; epochs %d..%d",
-                 world, device, len(stream.refs), stream.windows_per_rank[0], stream.steps, cfg.batch_size,
+        log.info("rank 0 of %d on %s: %d windows/epoch in all, %d steps of %d per rank; %s parameters; epochs %d..%d",
+                 world, device, config["windows_per_epoch"], steps_per_epoch, cfg.batch_size,
                  f"{_unwrap(model).n_params():,}", start_epoch + 1, cfg.epochs)
     torch.manual_seed(cfg.seed * 1000 + rank + 7919 * start_epoch)  # augmentations differ across ranks
     amp = cfg.amp and device.type == "cuda"
@@ -189,8 +207,7 @@ def train_loop(config: dict[str, Any]) -> dict[str, Any]:
         per_step: list[dict[str, float]] = []
         sums = torch.zeros(7, device=device, dtype=torch.float64)  # loss, mse, stats, ntx, behaviour, head, grad norm
         steps = windows = 0
-        for arrays in stream.epoch(epoch):
-            batch = to_device(arrays, device)
+        for batch in batches(train_shard, cfg.seed * 1_000_003 + epoch * 1009 + rank, shuffle=True):
             with _autocast(device, amp):
                 out = backbone_loss(model, batch, cfg.loss, behaviour)
             optimizer.zero_grad(set_to_none=True)
@@ -202,25 +219,29 @@ def train_loop(config: dict[str, Any]) -> dict[str, Any]:
                                 + [out.get(k, out["mse"] * 0).detach().double() for k in ("behaviour", "behaviour_head")]
                                 + [gnorm.detach().double()])
             steps += 1
-            windows += len(arrays["values"])
+            windows += len(batch["values"])
             if rank == 0:
-                per_step.append({"epoch": epoch + 1, "step": epoch * stream.steps + steps, "lr": scheduler.get_last_lr()[0],
+                per_step.append({"epoch": epoch + 1, "step": epoch * steps_per_epoch + steps, "lr": scheduler.get_last_lr()[0],
                                  "grad_norm": float(gnorm), **{k: float(v.detach()) for k, v in out.items()}})
             if rank == 0 and time.time() - last_log > 30:
-                log.info("epoch %d/%d: step %d/%d, loss %.4f", epoch + 1, cfg.epochs, steps, stream.steps,
+                log.info("epoch %d/%d: step %d/%d, loss %.4f", epoch + 1, cfg.epochs, steps, steps_per_epoch,
                          float(out["loss"].detach()))
                 last_log = time.time()
         seconds = time.time() - t0
+        if steps == 0:
+            raise WildzooError(f"rank {rank} got no full batch of {cfg.batch_size} windows: use fewer workers "
+                               f"or a smaller batch_size")
         loss, mse, smse, ntx, beh, head, gn = (v / (steps * world) for v in _all_sum(sums.tolist(), device))
         if not math.isfinite(loss):  # every rank sees the same all-reduced loss, so all stop together
             raise FloatingPointError(f"the loss diverged in epoch {epoch + 1} (try a lower lr or grad_clip)")
         metrics = {"epoch": epoch + 1, "loss": loss, "mse": mse, "stats_mse": smse, "ntx": ntx, "behaviour": beh, "behaviour_head": head,
                    "grad_norm": gn,
                    "lr": scheduler.get_last_lr()[0], "seconds": seconds,
-                   "windows_per_s": _all_sum([windows], device)[0] / max(seconds, 1e-9)}
-        if config["held"] and cfg.val_batches:
-            vsum, vcount = _all_sum(list(validate(_unwrap(model), cfg, cat, held, device, amp, norm, archs,
-                                                  behaviour)), device)
+                   "windows_per_s": _all_sum([windows], device)[0] / max(seconds, 1e-9),
+                   "steps": steps, "rss_mb": _all_max(peak_rss_mb(), device)}
+        if val_shard is not None:
+            vsum, vcount = _all_sum(list(validate(_unwrap(model), cfg, batches(val_shard, None, shuffle=False),
+                                                  device, amp, behaviour)), device)
             metrics["val_loss"] = vsum / max(vcount, 1)
         history.append(metrics)
         if rank == 0:
@@ -251,8 +272,8 @@ def _pythonpath() -> str:
     return os.pathsep.join(filter(None, [PROJECT_ROOT, os.environ.get("PYTHONPATH")]))
 
 
-def ensure_ray(cfg: TrainConfig) -> bool:
-    """Start a local Ray sized for the run (or attach to RAY_ADDRESS) unless one is up; True if started."""
+def ensure_ray(cpus: int) -> bool:
+    """Start a local Ray of at least `cpus` logical CPUs (or attach to RAY_ADDRESS) unless one is up; True if started."""
     import ray
 
     if ray.is_initialized():
@@ -261,8 +282,7 @@ def ensure_ray(cfg: TrainConfig) -> bool:
     if os.environ.get("RAY_ADDRESS"):
         ray.init(runtime_env={"env_vars": env}, log_to_driver=True)
     else:
-        # logical CPUs: a worker is a slot, not a core (on 2 cores, 2 workers of 2 threads still run)
-        ray.init(num_cpus=max(os.cpu_count() or 1, cfg.workers * cfg.cpus_per_worker), include_dashboard=False,
+        ray.init(num_cpus=max(os.cpu_count() or 1, cpus), include_dashboard=False,
                  runtime_env={"env_vars": env}, log_to_driver=True, logging_level=logging.WARNING)
     return True
 
@@ -278,10 +298,10 @@ def _check_resources(cfg: TrainConfig) -> None:
     if need_gpu > have.get("GPU", 0):
         raise WildzooError(f"{cfg.workers} worker(s) × {cfg.gpus_per_worker:g} GPU need {need_gpu:g} GPUs; "
                            f"this Ray has {have.get('GPU', 0):g}")
-    need_cpu = cfg.workers * cfg.cpus_per_worker
+    need_cpu = cfg.workers * cfg.cpus_per_worker + cfg.data_cpus
     if need_cpu > have.get("CPU", 0):
-        raise WildzooError(f"{cfg.workers} worker(s) × {cfg.cpus_per_worker} CPU need {need_cpu} CPUs; "
-                           f"this Ray has {have.get('CPU', 0):g}")
+        raise WildzooError(f"{cfg.workers} worker(s) × {cfg.cpus_per_worker} CPU + {cfg.data_cpus:g} for the data "
+                           f"stream need {need_cpu:g} CPUs; this Ray has {have.get('CPU', 0):g}")
 
 
 def _catalog_id(cat: Catalog) -> str:
@@ -307,6 +327,30 @@ def _run_meta(run: RunDir, cat: Catalog, cfg: TrainConfig, split: dict[str, Any]
                 "epochs_trained": 0, "history": []}
     meta.update(config=cfg.to_dict(), split=split)
     return meta
+
+
+def training_streams(cat: Catalog, cfg: TrainConfig, train_refs: list[ModelRef], held: list[ModelRef],
+                     norm: Normalizer, archs: dict[str, int]) -> tuple[dict[str, Any], dict[str, int]]:
+    """The Ray Data streams of a fit ({"train", and "val" when models are held out}) and the counts the
+    workers need: windows per epoch, steps per epoch (equal on every rank: `streaming_split(equal=True)`
+    gives each rank ⌊windows / workers⌋ and the loop drops the last partial batch), validation windows."""
+    unit_tokens = max(1, cfg.unit_mb * 2**20 // (cat.spec.token_size * 4))
+    windows = window_count(train_refs, cfg.model.window, cfg.views)
+    steps = windows // cfg.workers // cfg.batch_size
+    if steps == 0:
+        raise WildzooError(f"{len(train_refs)} training model(s) give {windows} windows per epoch: too few for "
+                           f"{cfg.workers} worker(s) × batches of {cfg.batch_size}; use fewer workers or a "
+                           f"smaller batch_size")
+    kw = {"window": cfg.model.window, "norm": norm, "archs": archs, "unit_tokens": unit_tokens,
+          "data_cpus": cfg.data_cpus, "seed": cfg.seed}
+    datasets = {"train": window_dataset(_catalog_id(cat), train_refs, train=True, views=cfg.views, **kw)}
+    val = 0
+    if held and cfg.val_batches:
+        val = min(window_count(held, cfg.model.window), cfg.val_batches * cfg.batch_size * cfg.workers)
+        val -= val % cfg.workers
+        if val:
+            datasets["val"] = window_dataset(_catalog_id(cat), held, train=False, **kw).limit(val)
+    return datasets, {"windows_per_epoch": windows, "steps_per_epoch": steps, "val_windows": val}
 
 
 def fit(catalog: str, out: str, cfg: TrainConfig) -> dict[str, Any]:
@@ -352,17 +396,19 @@ def fit(catalog: str, out: str, cfg: TrainConfig) -> dict[str, Any]:
                 "n_params": sum(v.numel() for v in run.load_state_dict().values()), "norm": norm.mode}
     log.info("fit %s on %s: %d models for training (%d trained models), %d held out; %d worker(s)",
              meta["run_id"], cat.uri, len(train_refs), split["train_groups"], len(held), cfg.workers)
-    started = ensure_ray(cfg)
+    # logical CPUs: a worker is a slot, not a core (on 2 cores, 2 workers of 2 threads still run); Ray Data's
+    # window tasks get slots of their own on top (train/stream.py: otherwise no read task ever starts)
+    started = ensure_ray(cfg.workers * cfg.cpus_per_worker + math.ceil(cfg.data_cpus))
     try:
         _check_resources(cfg)
         run.write_meta(meta)
         resources = {"CPU": cfg.cpus_per_worker, **({"GPU": cfg.gpus_per_worker} if cfg.gpus_per_worker else {})}
+        datasets, stream = training_streams(cat, cfg, train_refs, held, norm, archs)
         trainer = TorchTrainer(
             train_loop,
-            train_loop_config={"cfg": cfg.to_dict(), "catalog": _catalog_id(cat),
-                               "verbose": log.isEnabledFor(logging.DEBUG), "norm": norm.to_dict(), "run": run.uri,
-                               "archs": archs, "arch_keys": keys,
-                               "train": [asdict(r) for r in train_refs], "held": [asdict(r) for r in held]},
+            train_loop_config={"cfg": cfg.to_dict(), "verbose": log.isEnabledFor(logging.DEBUG), "run": run.uri,
+                               "arch_keys": keys, **stream},
+            datasets=datasets, dataset_config=data_config(cfg.data_cpus),
             scaling_config=ScalingConfig(num_workers=cfg.workers, use_gpu=cfg.gpus_per_worker > 0,
                                          resources_per_worker=resources),
             run_config=RunConfig(name=RAY_RUN_NAME, storage_path=run.storage_path,
