@@ -3,7 +3,8 @@
 Local catalogs are read with DuckDB's own Parquet reader; object-store catalogs through a pyarrow
 dataset that DuckDB scans directly (DuckDB's httpfs needs the internet to install). A table with no
 shard yet is an empty view with the right columns, so queries work on a fresh catalog; `embeddings`
-(written by `train embed`, not by crawls) is such a view until a backbone has embedded the catalog.
+(written by `train embed`, not by crawls) is such a view until a backbone has embedded the catalog, and
+`behaviour` (fingerprints, `train behaviour`) until models of a known architecture have been run.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import pyarrow.fs as pafs
 from catalog.schema import TABLES, schema_for
 from catalog.store import Catalog
 
-OPTIONAL_TABLES = ("embeddings",)
+OPTIONAL_TABLES = ("embeddings", "behaviour")
 
 
 def _sql_str(s: str) -> str:

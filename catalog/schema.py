@@ -121,6 +121,26 @@ EMBEDDINGS = pa.schema(
 )
 
 
+# Written by `train behaviour` / `train probe` (not by crawls): behaviour fingerprints of models whose architecture
+# wildzoo can rebuild (train/fingerprint.py), one row per model and probe set, appended as shards.
+BEHAVIOUR = pa.schema(
+    [
+        ("model_id", pa.string()),
+        ("probe_set", pa.string()),  # digits, noise, smooth, npy-<hash> (a user's images)
+        ("arch", pa.string()),  # the recognized architecture: kind/activation/channels_in/o_dim
+        ("n_probes", pa.int32()),
+        ("max_prob", pa.float64()),  # mean over probes of the largest softmax probability
+        ("entropy", pa.float64()),  # mean entropy of the softmax (nats)
+        ("margin", pa.float64()),  # mean top-1 minus top-2 probability
+        ("logit_norm", pa.float64()),  # mean L2 norm of the logits
+        ("sensitivity", pa.float64()),  # mean total variation of the softmax under 10% weight noise
+        ("class_probs", pa.list_(pa.float32())),  # mean probability of each class
+        ("outputs", pa.list_(pa.float32())),  # the softmax on the first 16 probes, flattened
+        ("created_at", pa.timestamp("ms", tz="UTC")),
+    ]
+)
+
+
 @dataclass(frozen=True)
 class CatalogSpec:
     """What every shard of one catalog agrees on; stored as `catalog.json` at the catalog root."""
@@ -160,4 +180,6 @@ def schema_for(table: str, spec: CatalogSpec) -> pa.Schema:
         return PROPERTIES
     if table == "embeddings":
         return EMBEDDINGS
+    if table == "behaviour":
+        return BEHAVIOUR
     raise KeyError(table)

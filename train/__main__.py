@@ -43,6 +43,8 @@ def build_parser() -> Parser:
     p.add_argument("--workers", type=int, help="Ray Train workers (default 1)")
     p.add_argument("--gpus-per-worker", type=float, help="GPUs per worker (default 0: CPU, gloo)")
     p.add_argument("--cpus-per-worker", type=int, help="CPUs (threads) per worker (default 1)")
+    p.add_argument("--data-cpus", type=float, help="CPUs Ray Data gets for cutting windows, beside the workers' "
+                   "(default 1)")
     p.add_argument("-v", "--verbose", action="store_true")
     p = sub.add_parser(
         "embed",
@@ -53,6 +55,8 @@ def build_parser() -> Parser:
     p.add_argument("--run", required=True, help="a run folder of `train fit`")
     p.add_argument("--catalog", required=True)
     p.add_argument("--batch-size", type=int, default=256, help="windows per forward pass (default 256)")
+    p.add_argument("--actors", type=int, default=0, help="Ray Data actors that each load the backbone once "
+                   "(default: one per GPU, else one per 4 CPUs)")
     p.add_argument("-v", "--verbose", action="store_true")
     p = sub.add_parser(
         "probe",
@@ -70,8 +74,33 @@ def build_parser() -> Parser:
     p.add_argument("--seed", type=int, default=0, help="seed of the first split (default 0)")
     p.add_argument("--seeds", type=int, default=5, help="split seeds, --seed onwards; every method is scored on "
                    "the same splits and reported as mean ± sd (default 5)")
+    p.add_argument("--probes", help="images as an .npy array (N, H, W) or (N, C, H, W), read without pickle: the "
+                   "probe inputs of behaviour fingerprints in place of the built-in data set")
+    p.add_argument("-v", "--verbose", action="store_true")
+    p = sub.add_parser(
+        "behaviour",
+        help="behaviour fingerprints: run every model of a known architecture on fixed probe inputs",
+        description="Rebuild every model whose architecture wildzoo knows (the lab zoo's CNN and MLP, the Model "
+        "Zoos CNN (s)) from its tokens, run it on fixed probe inputs (unlabeled digits where the data is the "
+        "product's, uniform and smoothed noise otherwise, or your own images with --probes) and store output "
+        "summaries per model and probe set in the catalog's `behaviour` table (SQL sees it). A rerun computes "
+        "only what is missing; models of other architectures get no fingerprint.",
+    )
+    p.add_argument("--catalog", required=True)
+    p.add_argument("--probes", help="images as an .npy array (N, H, W) or (N, C, H, W), read without pickle")
     p.add_argument("-v", "--verbose", action="store_true")
     return parser
+
+
+def behaviour_command(args) -> int:
+    from train import fingerprint
+
+    user = fingerprint.load_user_probes(args.probes) if args.probes else None
+    s = fingerprint.compute(Catalog.open(args.catalog), user)
+    print(f"behaviour: {s['models']} model(s) of a known architecture, {s.get('fingerprinted', 0)} fingerprinted now "
+          f"({s['written']} rows), {s['unknown']} of other architectures (no fingerprint) in {s['seconds']:.1f}s"
+          + (f" -> {s['path']}" if s["path"] else ""))
+    return 0
 
 
 def probe_command(args) -> int:
@@ -99,7 +128,13 @@ def probe_command(args) -> int:
                         "have been trained on", sorted(held), sorted(set(seeds) - held))
         embeddings = {"backbone": run_embeddings(cat, args.run, pop.model_ids),
                       "backbone-mean": run_embeddings(cat, args.run, pop.model_ids, column="embedding_mean")}
-    results, preds = run_probes(cat, seeds, pop=pop, embeddings=embeddings)
+    from train import fingerprint
+
+    fingerprint.compute(cat, fingerprint.load_user_probes(args.probes) if args.probes else None)
+    behaviour = fingerprint.features(cat, pop.model_ids)
+    if behaviour is None:
+        log.info("no behaviour fingerprint for every probed model (architecture unknown): no behaviour rows")
+    results, preds = run_probes(cat, seeds, pop=pop, embeddings=embeddings, behaviour=behaviour)
     summary = summarize(results)
     if args.out:
         out = Path(args.out)
@@ -129,7 +164,7 @@ def fit_command(args) -> int:
     if args.config:
         cfg = TrainConfig.from_file(args.config, base=cfg)
     flags = {"epochs": args.epochs, "workers": args.workers, "gpus_per_worker": args.gpus_per_worker,
-             "cpus_per_worker": args.cpus_per_worker}
+             "cpus_per_worker": args.cpus_per_worker, "data_cpus": args.data_cpus}
     try:
         cfg = cfg.replace(**{k: v for k, v in flags.items() if v is not None})
     except ValueError as e:
@@ -166,7 +201,7 @@ def embed_command(args) -> int:
 
     if args.batch_size < 1:
         raise WildzooError("--batch-size must be >= 1")
-    s = embed(args.catalog, args.run, batch_size=args.batch_size)
+    s = embed(args.catalog, args.run, batch_size=args.batch_size, actors=args.actors)
     print(f"embedded {s['models']} models with run {s['run_id']} (epoch {s['epoch']}, {s['dim']}-d) in "
           f"{s['seconds']:.1f}s -> {s['path']}")
     return 0
@@ -181,6 +216,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return embed_command(args)
     if args.command == "probe":
         return probe_command(args)
+    if args.command == "behaviour":
+        return behaviour_command(args)
     raise WildzooError(f"unknown command {args.command}")
 
 

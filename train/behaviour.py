@@ -12,6 +12,8 @@ vmapped over every window of one architecture at once (`torch.func.functional_ca
 
 from __future__ import annotations
 
+import copy
+import functools
 import logging
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -31,18 +33,69 @@ ARCH_KEYS = ("model::type", "model::nlin", "model::channels_in", "model::o_dim")
 N_QUERY = 128
 
 
+KINDS = {"CNN": ("CNN", "CNN-s"), "MLP": ("MLP",), "CNN-s": ("CNN-s",)}  # `model::type` -> candidate networks
+
+
+@functools.lru_cache(maxsize=64)
+def canonical_net(key: str) -> torch.nn.Module:
+    """The canonical network of an architecture key `kind/nlin/channels_in/o_dim` (no dropout, eval mode)."""
+    from zoo.models import build_model
+
+    kind, nlin, cin, odim = key.split("/")
+    net = build_model({"model::type": kind, "model::nlin": nlin, "model::channels_in": int(cin),
+                       "model::o_dim": int(odim), "model::dropout": 0.0, "model::init_type": "kaiming_uniform"})
+    return net.eval().requires_grad_(False)
+
+
+def input_shape(key: str) -> tuple[int, int, int]:
+    """(channels, height, width) the architecture `key` takes."""
+    from zoo.models import INPUT_SIZE
+
+    kind, _, cin, _ = key.split("/")
+    return int(cin), INPUT_SIZE[kind], INPUT_SIZE[kind]
+
+
+def recognize(props: dict[str, str], shapes: list[tuple[int, ...]]) -> str | None:
+    """The architecture key of a model with properties `props` (ARCH_KEYS) and float tensor shapes `shapes`
+    (in tensor order), or None. The one place architectures are recognized: the properties name the family
+    and activation, the shapes pick the network (the Model Zoos' 28×28 "CNN (s)" and the lab's 8×8 CNN both
+    say `CNN`); layers go by order, since a checkpoint's names shift with dropout."""
+    if any(props.get(k) is None for k in ARCH_KEYS):
+        return None
+    for kind in KINDS.get(props["model::type"], ()):
+        key = "/".join([kind, *(props[k] for k in ARCH_KEYS[1:])])
+        try:
+            net = canonical_net(key)
+        except (ValueError, KeyError):
+            return None
+        if [tuple(v.shape) for v in net.state_dict().values()] == [tuple(x) for x in shapes]:
+            return key
+    return None
+
+
 def model_archs(cat: Catalog, model_ids: list[str]) -> dict[str, str]:
-    """{model_id: architecture key} for the models whose properties name a zoo architecture."""
-    con = connect(cat, tables=("properties",))
+    """{model_id: architecture key} for the models of `model_ids` whose architecture is known (`recognize`)."""
+    con = connect(cat, tables=("properties", "tensors"))
+    con.execute("CREATE TEMP TABLE chosen (model_id VARCHAR)")
+    con.executemany("INSERT INTO chosen VALUES (?)", [[m] for m in model_ids])
     rows = con.execute(
         f"""SELECT model_id, name, coalesce(text, CAST(CAST(value AS BIGINT) AS VARCHAR)) FROM properties
-            WHERE name IN ({", ".join("?" * len(ARCH_KEYS))})""", list(ARCH_KEYS)).fetchall()
+            JOIN chosen USING (model_id) WHERE name IN ({", ".join("?" * len(ARCH_KEYS))})""",
+        list(ARCH_KEYS)).fetchall()
     found: dict[str, dict[str, str]] = {}
     for mid, name, text in rows:
         found.setdefault(mid, {})[name] = text
-    wanted = set(model_ids)
-    return {m: "/".join(p[k] for k in ARCH_KEYS) for m, p in found.items()
-            if m in wanted and all(p.get(k) is not None for k in ARCH_KEYS)}
+    shapes: dict[str, list[tuple[int, ...]]] = {}
+    for mid, shape in con.execute(
+            """SELECT model_id, shape FROM tensors JOIN chosen USING (model_id)
+               WHERE std IS NOT NULL ORDER BY model_id, tensor_idx""").fetchall():
+        shapes.setdefault(mid, []).append(tuple(shape))
+    out = {}
+    for m, p in found.items():
+        key = recognize(p, shapes.get(m, []))
+        if key is not None:
+            out[m] = key
+    return out
 
 
 @dataclass
@@ -74,15 +127,10 @@ class Arch:
 
 def build_arch(key: str, token_size: int) -> Arch | None:
     """The canonical zoo network of `key`, or None where it is unknown or its rows do not fit one token."""
-    from zoo.models import build_model
-
-    kind, nlin, cin, odim = key.split("/")
     try:
-        net = build_model({"model::type": kind, "model::nlin": nlin, "model::channels_in": int(cin),
-                           "model::o_dim": int(odim), "model::dropout": 0.0, "model::init_type": "kaiming_uniform"})
+        net = copy.deepcopy(canonical_net(key))
     except (ValueError, KeyError):
         return None
-    net.eval().requires_grad_(False)
     state = net.state_dict()
     names, shapes = list(state), [tuple(v.shape) for v in state.values()]
     plan = tk.plan(names, shapes, [True] * len(names), "row", token_size)

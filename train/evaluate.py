@@ -20,6 +20,7 @@ from train.features import Population, load_population, stats_features, weight_f
 log = logging.getLogger(__name__)
 NUMERIC_TARGETS = ("test_acc", "epoch", "ggap")
 MAX_CLASSES = 12
+TREES_MAX = 1500  # features beyond which trees are skipped (W: thousands of weights)
 RIDGE_ONLY = ("backbone-mean",)  # feature sets scored with the ridge heads only (trees cost a minute per set)
 
 
@@ -35,19 +36,24 @@ def categorical_targets(pop: Population) -> dict[str, np.ndarray]:
 
 
 def feature_sets(cat: Catalog, pop: Population, embeddings: dict[str, np.ndarray] | np.ndarray | None = None,
-                 ) -> dict[str, np.ndarray]:
-    """s(W), W (small models), and with a run's embeddings: `backbone` (per-layer pooled), `backbone-mean`
-    and `combined` (backbone ⊕ s(W))."""
+                 behaviour: np.ndarray | None = None) -> dict[str, np.ndarray]:
+    """s(W), W (small models), `behaviour` (fingerprints, train/fingerprint.py) and `s(W)+behaviour` where every
+    probed model has one, and with a run's embeddings: `backbone` (per-layer pooled), `backbone-mean` and
+    `combined` (backbone ⊕ s(W) ⊕ behaviour, or backbone ⊕ s(W) without fingerprints)."""
     sets = {"s(W)": stats_features(cat, pop.model_ids)}
     w = weight_features(cat, pop.model_ids)
     if w is not None:
         sets["W"] = w
+    if behaviour is not None:
+        sets["behaviour"] = behaviour
+        sets["s(W)+behaviour"] = np.concatenate([sets["s(W)"], behaviour], axis=1)
     if isinstance(embeddings, np.ndarray):
         embeddings = {"backbone": embeddings}
     for name, x in (embeddings or {}).items():
         sets[name] = x
     if embeddings and "backbone" in embeddings:
-        sets["combined"] = np.concatenate([embeddings["backbone"], sets["s(W)"]], axis=1)
+        sets["combined"] = np.concatenate([embeddings["backbone"], sets["s(W)"],
+                                           *([behaviour] if behaviour is not None else [])], axis=1)
     return sets
 
 
@@ -78,7 +84,7 @@ def run_probe(cat: Catalog, seed: int = 0, embeddings: dict[str, np.ndarray] | n
         for fname, x in sets.items():
             heads = [("ridge", lambda x=x, y=y, s=s: probe.ridge_probe(x, y, s)[:2]),
                      ("ridge-robust", lambda x=x, y=y, s=s: probe.ridge_probe(x, y, s, robust=True)[:2])]
-            if x.shape[1] <= 1000 and fname not in RIDGE_ONLY:
+            if x.shape[1] <= TREES_MAX and fname not in RIDGE_ONLY:
                 heads.append(("trees", lambda x=x, y=y, s=s: probe.trees_probe(x, y, s, seed)))
             for head, fn in heads:
                 r2, pred = fn()
@@ -89,7 +95,7 @@ def run_probe(cat: Catalog, seed: int = 0, embeddings: dict[str, np.ndarray] | n
     for name, labels in classes.items():
         for fname, x in sets.items():
             for head in ("logistic", "trees"):
-                if x.shape[1] > 1000 or fname in RIDGE_ONLY:  # W: trees do not scale to it, its logistic
+                if x.shape[1] > TREES_MAX or fname in RIDGE_ONLY:  # W: trees do not scale to it, its logistic
                     continue  # head costs minutes; the plain mean is a comparison, not a contender
                 acc = probe.classify_probe(x, labels, split, head, seed)
                 results.append({"property": name, "method": f"{fname} {head}", "metric": "accuracy",
@@ -100,12 +106,12 @@ def run_probe(cat: Catalog, seed: int = 0, embeddings: dict[str, np.ndarray] | n
 
 
 def run_probes(cat: Catalog, seeds: list[int], embeddings: dict[str, np.ndarray] | None = None,
-               pop: Population | None = None) -> tuple[list[dict], dict]:
+               pop: Population | None = None, behaviour: np.ndarray | None = None) -> tuple[list[dict], dict]:
     """`run_probe` on each split seed (the same splits for every method: paired); returns (results of every
     seed, predictions of the first seed). Hyperparameters (classification) are scored on the first seed only:
     the trees of every class cost minutes per seed."""
     pop = pop or load_population(cat)
-    sets = feature_sets(cat, pop, embeddings)
+    sets = feature_sets(cat, pop, embeddings, behaviour)
     results, first = [], None
     for seed in seeds:
         log.info("probing split seed %d", seed)

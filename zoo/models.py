@@ -17,8 +17,11 @@ from torch import nn
 ACTIVATIONS = ("tanh", "relu", "sigmoid", "gelu")
 #: Weight initializations of the grid (``model::init_type``).
 INIT_TYPES = ("uniform", "normal", "kaiming_uniform", "kaiming_normal")
-#: Architectures (``model::type``).
-MODEL_TYPES = ("CNN", "MLP")
+#: Architectures (``model::type``): the lab CNN and MLP take 8×8 digits; ``CNN-s`` is the Model Zoos dataset's
+#: MNIST "CNN (s)" for 28×28 inputs (its zoos write ``"CNN"``: `train.behaviour` tells the two apart by shapes).
+MODEL_TYPES = ("CNN", "MLP", "CNN-s")
+#: Input (channels, height, width) per architecture, with ``C`` channels.
+INPUT_SIZE = {"CNN": 8, "MLP": 8, "CNN-s": 28}
 #: Initial value of every bias, as in the Model Zoos generator.
 BIAS_INIT = 0.01
 
@@ -60,6 +63,28 @@ def _cnn_layers(channels_in: int, o_dim: int, act: str, dropout: float) -> list[
         *_dropout(dropout),
         nn.Flatten(),  # (B, 64)
         nn.Linear(64, 20),
+        _activation(act),
+        *_dropout(dropout),
+        nn.Linear(20, o_dim),
+    ]
+
+
+def _cnn_s_layers(channels_in: int, o_dim: int, act: str, dropout: float) -> list[nn.Module]:
+    # The Model Zoos MNIST "CNN (s)" (2,464 parameters for one channel), 28x28 inputs.
+    return [
+        nn.Conv2d(channels_in, 8, 5),  # (B, 8, 24, 24)
+        nn.MaxPool2d(2, 2),  # (B, 8, 12, 12)
+        _activation(act),
+        *_dropout(dropout),
+        nn.Conv2d(8, 6, 5),  # (B, 6, 8, 8)
+        nn.MaxPool2d(2, 2),  # (B, 6, 4, 4)
+        _activation(act),
+        *_dropout(dropout),
+        nn.Conv2d(6, 4, 2),  # (B, 4, 3, 3)
+        _activation(act),
+        *_dropout(dropout),
+        nn.Flatten(),  # (B, 36)
+        nn.Linear(36, 20),
         _activation(act),
         *_dropout(dropout),
         nn.Linear(20, o_dim),
@@ -117,6 +142,8 @@ def build_model(params: Mapping[str, Any]) -> nn.Module:
         model = ZooNet(_cnn_layers(*args))
     elif kind == "MLP":
         model = ZooNet(_mlp_layers(*args))
+    elif kind == "CNN-s":
+        model = ZooNet(_cnn_s_layers(*args))
     else:
         raise ValueError(f"model::type must be one of {', '.join(MODEL_TYPES)}, got {kind!r}")
     initialize(model, params["model::init_type"])
