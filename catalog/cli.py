@@ -28,6 +28,9 @@ def setup_logging(verbose: bool = False) -> None:
 
 def run(main: Callable[[Sequence[str] | None], int], argv: Sequence[str] | None = None, prog: str = "wildzoo") -> int:
     """Run a command's main; user errors become one line on stderr and exit code 1, never a traceback."""
+    from catalog.rayenv import quiet_env
+
+    quiet_env()
     try:
         return main(argv)
     except WildzooError as e:

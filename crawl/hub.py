@@ -32,6 +32,7 @@ from pathlib import Path
 import numpy as np
 
 from catalog.errors import BadWeights, WildzooError
+from catalog.rayenv import ensure_ray
 from catalog.roles import natural_key
 from catalog.safetensors_io import (
     DTYPES,
@@ -646,7 +647,7 @@ def main(args) -> int:
         logging.getLogger("httpx2").setLevel(logging.WARNING)  # one INFO line per request otherwise
     catalog = open_catalog(args)
     use_ray = not args.no_ray
-    started = pipeline.ensure_ray() if use_ray else False
+    started = ensure_ray() if use_ray else False
     name = f"wildzoo-hub-{uuid.uuid4().hex[:12]}"
     try:
         coord = budget.start(name, per_window, args.max_downloads, use_ray)

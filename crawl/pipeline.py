@@ -8,43 +8,18 @@ that cluster instead.
 from __future__ import annotations
 
 import logging
-import os
 import sys
 import time
 from collections import Counter
-from pathlib import Path
 
 import pyarrow as pa
 
+from catalog.rayenv import ensure_ray
 from catalog.store import Catalog
 from crawl.tasks import dedupe, skip_done
 from crawl.worker import CrawlWorker
 
 log = logging.getLogger(__name__)
-PROJECT_ROOT = str(Path(__file__).resolve().parent.parent)
-
-
-def ensure_ray(num_cpus: int | None = None) -> bool:
-    """Start a local Ray (or attach to RAY_ADDRESS) unless one is up; True if this call started it."""
-    import ray
-
-    if ray.is_initialized():
-        return False
-    env = {"PYTHONPATH": os.pathsep.join(filter(None, [PROJECT_ROOT, os.environ.get("PYTHONPATH")]))}
-    for key in ("HF_ENDPOINT", "HF_HUB_DISABLE_TELEMETRY", "HF_HUB_OFFLINE"):
-        if key in os.environ:
-            env[key] = os.environ[key]
-    if os.environ.get("RAY_ADDRESS"):
-        ray.init(runtime_env={"env_vars": env}, log_to_driver=True)
-    else:
-        ray.init(
-            num_cpus=num_cpus or os.cpu_count() or 1,
-            include_dashboard=False,
-            runtime_env={"env_vars": env},
-            log_to_driver=True,
-            logging_level=logging.WARNING,
-        )
-    return True
 
 
 def crawl(

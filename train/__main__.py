@@ -156,6 +156,21 @@ def probe_command(args) -> int:
     return 0
 
 
+def reconstruction_line(rec: dict) -> str:
+    """The held-out reconstruction of a fit, in one line: per-model MSE against predicting zeros, accuracy kept."""
+    line = (f"held-out models: reconstruction MSE median {rec['mse_median']:.4f}, mean {rec['mse_mean']:.4f} per model "
+            f"(predicting zeros: {rec['zeros_median']:.4f}, {rec['zeros_mean']:.4f}; R² {rec['r2']:.3f}), normalized "
+            f"{rec['norm']}") if rec.get("mse_median") is not None else f"held-out models: reconstruction MSE {rec['mse']:.4f}"
+    if rec.get("kept") is not None:
+        line += (f"; rebuilt, the {rec['good']} with accuracy >= {rec['min_acc']} keep {rec['kept']:.1%} of it with the "
+                 f"decoded statistics ({rec['kept_true']:.1%} with the true ones; all {rec['rebuildable']}: "
+                 f"{rec['orig_acc']:.3f} -> {rec['rebuilt_acc']:.3f})")
+    if rec.get("head_r2"):
+        line += "\nbehaviour head, fingerprint of held-out models predicted from weights: R² " + ", ".join(
+            f"{k} {v:.3f}" for k, v in rec["head_r2"].items())
+    return line
+
+
 def fit_command(args) -> int:
     from train.config import TrainConfig
     from train.fit import fit
@@ -187,11 +202,9 @@ def fit_command(args) -> int:
         print(f"loss by epoch: {curve}{val}")
     rec = s.get("reconstruction")
     if rec:
-        kept = "" if rec.get("kept") is None else (
-            f"; rebuilt from their reconstruction, the {rec['good']} with accuracy >= {rec['min_acc']} keep "
-            f"{rec['kept']:.1%} of it on average (all {rec['rebuildable']}: {rec['orig_acc']:.3f} -> {rec['rebuilt_acc']:.3f})")
-        print(f"held-out models: reconstruction MSE {rec['mse']:.4f} (normalized){kept}")
-    print(f"normalization {s['norm']}; saved {s['run'].rstrip('/')}/model.safetensors, config.json, metrics.jsonl, "
+        print(reconstruction_line(rec))
+    why = f" ({s['norm_reason']})" if s.get("norm_reason") else ""
+    print(f"normalization {s['norm']}{why}; saved {s['run'].rstrip('/')}/model.safetensors, config.json, metrics.jsonl, "
           f"loss_curve.png; next: python -m train probe --run {s['run']} --catalog {args.catalog}")
     return 0
 

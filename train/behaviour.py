@@ -161,11 +161,15 @@ _DENORM = ("has_bias", "n_valid", "mu", "sd", "bmu", "bsd")  # what de-normalizi
 class Behaviour:
     """Behavioural losses for windows whose `arch` (B,) names one of `keys` (−1: not rebuildable)."""
 
-    def __init__(self, keys: list[str], token_size: int, temperature: float = 2.0, n_query: int = N_QUERY) -> None:
+    def __init__(self, keys: list[str], token_size: int, temperature: float = 2.0, n_query: int = N_QUERY,
+                 n_head: int = N_QUERY) -> None:
         from zoo.data import load_digits_split
 
-        self.archs = {i: a for i, k in enumerate(keys) if (a := build_arch(k, token_size)) is not None}
+        # the query images are digits (8x8): architectures of other inputs are not rebuilt for this loss
+        self.archs = {i: a for i, k in enumerate(keys)
+                      if input_shape(k)[1:] == (8, 8) and (a := build_arch(k, token_size)) is not None}
         self.temperature = temperature
+        self.n_head = n_head  # query images the head's target fingerprint is taken on
         self.query = load_digits_split()[0][:n_query]  # the first digits training images, fixed
 
     def to(self, device: torch.device) -> Behaviour:
@@ -192,20 +196,23 @@ class Behaviour:
                predicted: Tensor | None = None) -> dict[str, Tensor]:
         """Behavioural losses averaged over rebuildable windows, the originals (`target`, normalized values
         (B, T, S)) run once for both: `behaviour`, the model rebuilt from `recon` (B, T, S) against the
-        original; `behaviour_head`, the outputs on the first Q query images that the behaviour head predicts
-        (`predicted` (B, Q, C)) against the original's (a permuted view computes the same function, so both
-        views share it). Each is zero, attached to the graph, when no window qualifies (DDP needs a gradient)."""
+        original; `behaviour_head`, the MSE between the fingerprint the behaviour head predicts (`predicted`
+        (B, 4 + C)) and the original's on the query images (`train.fingerprint.head_target`; a permuted view
+        computes the same function, so both views share it). Each is zero, attached to the graph, when no
+        window qualifies (DDP needs a gradient)."""
+        from train.fingerprint import head_target
+
         sums = {name: x.sum() * 0.0 for name, x in (("behaviour", recon), ("behaviour_head", predicted))
                 if x is not None}
         count = 0
         for a, sel, sub in self.groups(batch):
             with torch.no_grad():
-                query = self.query if recon is not None else self.query[: predicted.shape[1]]
-                want = a.outputs(denormalize(target[sel], sub), query)  # (G, Q, C)
+                want = a.outputs(denormalize(target[sel], sub), self.query)  # (G, Q, C)
             if recon is not None:
-                sums["behaviour"] = sums["behaviour"] + self._kl(a.outputs(denormalize(recon[sel], sub), query), want)
+                sums["behaviour"] = sums["behaviour"] + self._kl(a.outputs(denormalize(recon[sel], sub), self.query), want)
             if predicted is not None:
-                sums["behaviour_head"] = sums["behaviour_head"] + self._kl(predicted[sel], want[:, : predicted.shape[1]])
+                fp = head_target(want[:, : self.n_head])
+                sums["behaviour_head"] = sums["behaviour_head"] + ((predicted[sel].float() - fp) ** 2).mean(-1).sum()
             count += len(sel)
         return {name: total / max(count, 1) for name, total in sums.items()}
 
@@ -220,39 +227,101 @@ def accuracy(a: Arch, raw: Tensor, x: Tensor, y: Tensor) -> np.ndarray:
         return (a.outputs(raw, x).argmax(-1) == y).float().mean(-1).cpu().numpy()
 
 
+def decoded_scale(recon_stats: Tensor, batch: dict[str, Tensor], norm) -> dict[str, Tensor]:
+    """What de-normalizing needs (`mu`, `sd`, `bmu`, `bsd`, (B, T)) as a generator has it: from the decoded
+    statistics rows (B, T, F) (standardized, `train.data.STAT_NAMES`) where normalization was per tensor,
+    averaged over the tokens of each tensor of a window (one tensor = one layer index `l` and role) — every token
+    decodes its tensor's row, and their mean is closer than any one of them; per layer, μ and σ are the
+    population's and need nothing decoded."""
+    out = {k: batch[k] for k in ("mu", "sd", "bmu", "bsd")}
+    if norm is None or norm.mode == "per-layer":
+        return out
+    from train.data import LOG_FLOOR
+
+    z = recon_stats.double() * torch.tensor(norm.stats_sd, dtype=torch.float64) + torch.tensor(norm.stats_mu,
+                                                                                               dtype=torch.float64)
+    real = (batch["n_valid"] > 0).double()  # (B, T)
+    key = batch["l"] * 1024 + batch["role"]  # one tensor: its layer index and role (a dense bias shares the layer)
+    same = (key[:, :, None] == key[:, None, :]).double() * real[:, None, :]  # (B, T, T)
+    pooled = (same @ z) / same.sum(-1, keepdim=True).clamp_min(1.0)  # (B, T, F)
+
+    def scale(x: Tensor) -> Tensor:  # a std of 0 is stored as LOG_FLOOR; its tensor was normalized with σ = 1
+        return torch.where(x > LOG_FLOOR + 1, x.clamp(max=30.0).exp(), torch.ones_like(x))
+
+    out["mu"], out["sd"] = torch.sinh(pooled[..., 0]).float(), scale(pooled[..., 1]).float()
+    out["bmu"], out["bsd"] = torch.sinh(pooled[..., 9]).float(), scale(pooled[..., 10]).float()
+    return out
+
+
 @torch.no_grad()
 def reconstruction_report(model: torch.nn.Module, cat: Catalog, refs: list, norm, archs: dict[str, int],
                           keys: list[str], batch_size: int = 64, min_acc: float = 0.5) -> dict:
     """How well `model` (a Backbone, eval mode) rebuilds the models of `refs` (held out from training).
 
-    Each model is encoded and decoded whole (no noise, no masking), de-normalized, loaded into its
-    architecture and scored on the digits test split, next to the original (its own tokens through the same
-    normalization: identical but for entries beyond ±CLIP σ). Returns the reconstruction MSE (normalized
-    space, real entries) over every model, and for models of a known architecture: mean original and
-    rebuilt accuracy, and the mean ratio rebuilt/original over the models whose original accuracy ≥ min_acc.
+    Each model is encoded and decoded whole (no noise, no masking). Per model: the reconstruction MSE of its
+    normalized values (real entries) and that of predicting zeros (the mean, in normalized space), reported
+    as median and mean over models and as R² = 1 − Σ error / Σ zeros-error. Models of a known architecture
+    are de-normalized twice — with their true statistics (`true`) and with the decoded statistics row
+    (`decoded`: what generation has, `decoded_scale`) — loaded into the architecture and scored on the
+    digits test split next to the original (its own tokens through the same normalization: identical but for
+    entries beyond ±CLIP σ): mean accuracies, and the mean ratio rebuilt/original over the models whose
+    original accuracy ≥ min_acc (`kept`, `kept_true`).
     """
     from train.data import tiled_batches
+    from train.fingerprint import HEAD_SUMMARIES, head_target
     from zoo.data import load_digits_split
 
     S = model.cfg.token_size
-    behaviour = Behaviour(keys, S)
+    behaviour = Behaviour(keys, S, n_head=model.cfg.behaviour_queries or N_QUERY)
+    fp_true, fp_pred = [], []
     _, _, x_test, y_test = load_digits_split()
-    err = count = 0.0
-    orig, rebuilt = [], []
-    for _, _, arrays in tiled_batches(cat, refs, model.cfg.window, batch_size, norm=norm, archs=archs):
+    err = np.zeros(len(refs))
+    zero = np.zeros(len(refs))
+    count = np.zeros(len(refs))
+    row_of = {r.model_id: i for i, r in enumerate(refs)}
+    orig, rebuilt, decoded = [], [], []
+    for ids, models, arrays in tiled_batches(cat, refs, model.cfg.window, batch_size, norm=norm, archs=archs):
         batch = {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in arrays.items()}
-        recon = model.decode(model.encode(batch), batch)[..., :S].float()
+        latent = model.encode(batch)
+        out = model.decode(latent, batch).float()
+        predicted = model.behaviour_head(model.pool(latent, batch)) if model.behaviour_head is not None else None
+        recon = out[..., :S]
         real = torch.arange(S) < batch["n_valid"][..., None]
-        err += float(((recon - batch["values"]) ** 2)[real].sum())
-        count += float(real.sum())
+        rows = np.array([row_of[ids[m]] for m in models])
+        np.add.at(err, rows, (((recon - batch["values"]) ** 2) * real).sum((1, 2)).double().numpy())
+        np.add.at(zero, rows, ((batch["values"] ** 2) * real).sum((1, 2)).double().numpy())
+        np.add.at(count, rows, real.sum((1, 2)).double().numpy())
+        dec = decoded_scale(out[..., S:], batch, norm) if out.shape[-1] > S else None
         for a, sel, sub in behaviour.groups(batch):
+            if predicted is not None:
+                fp_true.append(head_target(a.outputs(denormalize(batch["values"][sel], sub),
+                                                     behaviour.query[: behaviour.n_head])).numpy())
+                fp_pred.append(predicted[sel].float().numpy())
             orig.append(accuracy(a, denormalize(batch["values"][sel], sub), x_test, y_test))
             rebuilt.append(accuracy(a, denormalize(recon[sel], sub), x_test, y_test))
-    out = {"models": len(refs), "mse": err / max(count, 1.0)}
+            if dec is not None:
+                dsub = {**sub, **{k: v[sel] for k, v in dec.items()}}
+                decoded.append(accuracy(a, denormalize(recon[sel], dsub), x_test, y_test))
+    per_model = err / np.maximum(count, 1)
+    zeros = zero / np.maximum(count, 1)
+    out = {"models": len(refs), "mse": float(err.sum() / max(count.sum(), 1.0)),
+           "mse_median": float(np.median(per_model)) if len(refs) else None,
+           "mse_mean": float(per_model.mean()) if len(refs) else None,
+           "zeros_median": float(np.median(zeros)) if len(refs) else None,
+           "zeros_mean": float(zeros.mean()) if len(refs) else None,
+           "r2": float(1 - err.sum() / zero.sum()) if zero.sum() > 0 else None,
+           "norm": getattr(norm, "mode", None)}
+    if fp_true:  # how well the behaviour head predicts the true fingerprint of held-out models, per summary
+        t, p = np.concatenate(fp_true), np.concatenate(fp_pred)
+        r2 = 1 - ((t - p) ** 2).sum(0) / np.maximum(((t - t.mean(0)) ** 2).sum(0), 1e-12)
+        out["head_r2"] = {**{k: float(v) for k, v in zip(HEAD_SUMMARIES, r2, strict=False)},
+                          "class_probs": float(r2[len(HEAD_SUMMARIES):].mean())}
     if orig:
         o, r = np.concatenate(orig), np.concatenate(rebuilt)
+        d = np.concatenate(decoded) if decoded else r
         good = o >= min_acc
-        out.update(rebuildable=int(len(o)), orig_acc=float(o.mean()), rebuilt_acc=float(r.mean()),
-                   good=int(good.sum()), min_acc=min_acc,
-                   kept=float((r[good] / o[good]).mean()) if good.any() else None)
+        out.update(rebuildable=int(len(o)), orig_acc=float(o.mean()), rebuilt_acc=float(d.mean()),
+                   rebuilt_acc_true=float(r.mean()), good=int(good.sum()), min_acc=min_acc,
+                   kept=float((d[good] / o[good]).mean()) if good.any() else None,
+                   kept_true=float((r[good] / o[good]).mean()) if good.any() else None)
     return out

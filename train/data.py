@@ -137,15 +137,16 @@ class Normalizer:
     layer: dict[int, tuple[float, float]] = dataclass_field(default_factory=dict)  # tensor_idx -> (μ, σ)
     stats_mu: tuple[float, ...] = (0.0,) * N_STATS
     stats_sd: tuple[float, ...] = (1.0,) * N_STATS
+    reason: str = ""  # why `auto` chose this mode
 
     def to_dict(self) -> dict:
         return {"mode": self.mode, "layer": {str(k): list(v) for k, v in self.layer.items()},
-                "stats_mu": list(self.stats_mu), "stats_sd": list(self.stats_sd)}
+                "stats_mu": list(self.stats_mu), "stats_sd": list(self.stats_sd), "reason": self.reason}
 
     @classmethod
     def from_dict(cls, d: dict) -> Normalizer:
         return cls(d["mode"], {int(k): (float(v[0]), float(v[1])) for k, v in d.get("layer", {}).items()},
-                   tuple(d["stats_mu"]), tuple(d["stats_sd"]))
+                   tuple(d["stats_mu"]), tuple(d["stats_sd"]), d.get("reason", ""))
 
     @functools.cached_property
     def layer_arrays(self) -> tuple[np.ndarray, np.ndarray]:
@@ -182,16 +183,25 @@ def fit_normalizer(cat: Catalog, refs: list[ModelRef], mode: str = "auto") -> No
     sigs = con.execute("""SELECT count(DISTINCT sig) FROM (SELECT string_agg(array_to_string(shape, 'x'), ','
                       ORDER BY tensor_idx) AS sig FROM ten JOIN chosen USING (model_id) GROUP BY model_id)""").fetchone()[0]
     aligned = sigs == 1
-    if mode == "auto":
-        mode = "per-layer" if aligned else "per-tensor"
-    elif mode == "per-layer" and not aligned:
-        raise WildzooError(f"norm per-layer needs models whose tensors line up (same shapes in the same order); "
-                           f"the training split holds {sigs} layouts: use per-tensor")
-    layer = {}
-    if mode == "per-layer":
+    layer: dict[int, tuple[float, float]] = {}
+    off = 0.0
+    if aligned:
         rows = con.execute("""SELECT tensor_idx, median(mean), median(std) FILTER (std > 0) FROM ten JOIN chosen
                               USING (model_id) WHERE std IS NOT NULL GROUP BY tensor_idx""").fetchall()
         layer = {int(i): (float(m or 0.0), float(s) if s and s > 0 else 1.0) for i, m, s in rows}
+        off = _off_scale(t, layer)
+    why = "layouts differ"
+    if mode == "auto":
+        mode = "per-layer" if aligned and off <= MAX_OFF_SCALE else "per-tensor"
+        if aligned:
+            why = (f"tensors line up; per-layer statistics would leave {off:.0%} of the training tensors at a mean "
+                   f"square above {OFF_SCALE:g}" + (" (scales differ by orders of magnitude across models)"
+                                                    if mode == "per-tensor" else ""))
+    elif mode == "per-layer" and not aligned:
+        raise WildzooError(f"norm per-layer needs models whose tensors line up (same shapes in the same order); "
+                           f"the training split holds {sigs} layouts: use per-tensor")
+    if mode != "per-layer":
+        layer = {}
     con.close()
     cols = {c: t.column(c).to_numpy(zero_copy_only=False).astype(np.float64) for c in _STAT_COLS}
     raw = raw_stat_features(cols)
@@ -201,8 +211,28 @@ def fit_normalizer(cat: Catalog, refs: list[ModelRef], mode: str = "auto") -> No
     # the bias features reuse the weight's mean/std scaling (they are the same kind of number)
     mu[9:], sd[9:] = mu[:2], sd[:2]
     sd = np.where(sd > 1e-6, sd, 1.0)
-    log.info("normalization %s (%s)", mode, "tensors line up across models" if aligned else "layouts differ")
-    return Normalizer(mode, layer, tuple(float(x) for x in mu), tuple(float(x) for x in sd))
+    log.info("normalization %s (%s)", mode, why)
+    return Normalizer(mode, layer, tuple(float(x) for x in mu), tuple(float(x) for x in sd), reason=why)
+
+
+OFF_SCALE = 10.0  # a normalized tensor whose mean square is above this is off the unit scale
+MAX_OFF_SCALE = 0.1  # `auto` takes per-layer only when at most this fraction of training tensors would be off scale
+
+
+def _off_scale(t: pa.Table, layer: dict[int, tuple[float, float]]) -> float:
+    """The fraction of the training tensors (rows of `t`) whose mean square after per-layer normalization,
+    ((mean − μ)² + std²) / σ², is above OFF_SCALE (below is harmless: a near-constant tensor, such as biases
+    at their initial value, normalizes to near zero)."""
+    idx = t.column("tensor_idx").to_numpy()
+    mean = t.column("mean").to_numpy(zero_copy_only=False).astype(np.float64)
+    std = t.column("std").to_numpy(zero_copy_only=False).astype(np.float64)
+    ok = np.isfinite(mean) & np.isfinite(std) & np.isin(idx, list(layer))
+    if not ok.any():
+        return 0.0
+    mu = np.array([layer[int(i)][0] for i in idx[ok]])
+    sd = np.array([layer[int(i)][1] for i in idx[ok]])
+    ms = ((mean[ok] - mu) ** 2 + std[ok] ** 2) / sd ** 2
+    return float((ms > OFF_SCALE).mean())
 
 
 @dataclass(frozen=True)

@@ -115,6 +115,24 @@ def summarize(logits: torch.Tensor, noisy: torch.Tensor) -> dict[str, np.ndarray
     return {k: v.float().numpy() for k, v in out.items()}
 
 
+HEAD_SUMMARIES = ("max_prob", "entropy", "margin", "log_logit_norm")  # then the C class probabilities
+
+
+def head_target(logits: torch.Tensor) -> torch.Tensor:
+    """The fingerprint the backbone's behaviour head learns to predict from weights, (G, 4 + C) from logits
+    (G, Q, C): mean max-probability, mean entropy, mean margin, log(1 + mean logit norm), per-class mean
+    probability — the summaries of `summarize`, all of order one."""
+    logits = torch.nan_to_num(logits.float(), nan=0.0, posinf=LOGIT_CLIP, neginf=-LOGIT_CLIP).clamp(-LOGIT_CLIP,
+                                                                                                  LOGIT_CLIP)
+    logp = F.log_softmax(logits, -1)
+    p = logp.exp()
+    top2 = p.topk(min(2, p.shape[-1]), dim=-1).values
+    margin = top2[..., 0] - (top2[..., 1] if top2.shape[-1] > 1 else 0)
+    cols = [top2[..., 0].mean(-1), -(p * logp).sum(-1).mean(-1), margin.mean(-1),
+            torch.log1p(logits.norm(dim=-1).mean(-1))]
+    return torch.cat([torch.stack(cols, -1), p.mean(1)], -1)
+
+
 def _read_weights(cat: Catalog, by_shard: dict[str, list[str]]) -> dict[str, dict[str, np.ndarray]]:
     """{model_id: {tensor name: float32 array}} rebuilt exactly from the tokens, one read per shard."""
     out: dict[str, dict[str, np.ndarray]] = {}

@@ -172,7 +172,8 @@ def train_loop(config: dict[str, Any]) -> dict[str, Any]:
         from train.behaviour import N_QUERY, Behaviour
 
         behaviour = Behaviour(config.get("arch_keys") or [], cfg.model.token_size,
-                              n_query=max(N_QUERY, cfg.model.behaviour_queries)).to(device)
+                              n_query=max(N_QUERY, cfg.model.behaviour_queries),
+                              n_head=cfg.model.behaviour_queries or N_QUERY).to(device)
 
     torch.manual_seed(cfg.seed)  # identical initial weights on every rank (DDP broadcasts rank 0's anyway)
     model = Backbone(cfg.model)
@@ -268,23 +269,11 @@ def train_loop(config: dict[str, Any]) -> dict[str, Any]:
     return {"start_epoch": start_epoch, "history": history}
 
 
-def _pythonpath() -> str:
-    return os.pathsep.join(filter(None, [PROJECT_ROOT, os.environ.get("PYTHONPATH")]))
-
-
 def ensure_ray(cpus: int) -> bool:
     """Start a local Ray of at least `cpus` logical CPUs (or attach to RAY_ADDRESS) unless one is up; True if started."""
-    import ray
+    from catalog.rayenv import ensure_ray as start
 
-    if ray.is_initialized():
-        return False
-    env = {"PYTHONPATH": _pythonpath()}
-    if os.environ.get("RAY_ADDRESS"):
-        ray.init(runtime_env={"env_vars": env}, log_to_driver=True)
-    else:
-        ray.init(num_cpus=max(os.cpu_count() or 1, cpus), include_dashboard=False,
-                 runtime_env={"env_vars": env}, log_to_driver=True, logging_level=logging.WARNING)
-    return True
+    return start(max(os.cpu_count() or 1, cpus))
 
 
 def _check_resources(cfg: TrainConfig) -> None:
@@ -448,6 +437,7 @@ def fit(catalog: str, out: str, cfg: TrainConfig) -> dict[str, Any]:
     return {"run_id": meta["run_id"], "run": run.uri, "start_epoch": returned.get("start_epoch", state["epoch"] + 1),
             "epochs": state["epoch"] + 1, "history": history, "seconds": time.time() - t0, "split": split,
             "workers": cfg.workers, "n_params": sum(v.numel() for v in state["model"].values()), "norm": norm.mode,
+            "norm_reason": norm.reason,
             "reconstruction": report}
 
 

@@ -53,8 +53,8 @@ class ModelConfig:
     mlp_ratio: int = 4
     n_stats: int = 11  # F: the tensor statistics row appended to each token (train.data.STAT_NAMES; 0: values only)
     pool_layers: int = 8  # K: layer groups pooled for the behaviour head (layers past K − 1 share the last group)
-    behaviour_queries: int = 0  # Q: query images whose outputs the behaviour head predicts (0: no head)
-    behaviour_classes: int = 10  # C: outputs per query image
+    behaviour_queries: int = 0  # Q: query images the behaviour head's target fingerprint is taken on (0: no head)
+    behaviour_classes: int = 10  # C: outputs per query image (the fingerprint: 4 summaries + C class probabilities)
 
     def __post_init__(self) -> None:
         checks = [
@@ -85,8 +85,14 @@ class ModelConfig:
     @classmethod
     def small(cls, token_size: int = 0) -> ModelConfig:
         """The CPU default: minutes on 2 cores for a zoo of ~1,000 small checkpoints."""
-        return cls(token_size=token_size, d_model=64, n_layers=2, n_heads=4, d_latent=64, window=64,
-                   dropout=0.0, proj_dim=64, mlp_ratio=2, behaviour_queries=32)
+        # wider than a token plus its statistics row (73 + 11 for the digits CNNs), so the latent can keep both
+        return cls(token_size=token_size, d_model=128, n_layers=2, n_heads=4, d_latent=96, window=64,
+                   dropout=0.0, proj_dim=64, mlp_ratio=2, behaviour_queries=128)
+
+    @property
+    def fingerprint_dims(self) -> int:
+        """Values of the fingerprint the behaviour head predicts (train.fingerprint.HEAD_SUMMARIES + C)."""
+        return 4 + self.behaviour_classes
 
     @property
     def position_dims(self) -> tuple[int, int, int]:
@@ -213,11 +219,12 @@ class Backbone(nn.Module):
         self.encoder = Stack(cfg, cfg.token_size + cfg.n_stats, cfg.d_latent, masking=True)
         self.decoder = Stack(cfg, cfg.d_latent, cfg.token_size + cfg.n_stats)
         self.head = nn.Sequential(nn.Linear(cfg.d_latent, cfg.d_latent), nn.GELU(), nn.Linear(cfg.d_latent, cfg.proj_dim))
-        # what the model computes, predicted from its per-layer pooled latents (train.behaviour): the embedding
-        # has to carry the function, not only the weights
+        # what the model computes — its behaviour fingerprint (train.fingerprint.head_target) — predicted from its
+        # per-layer pooled latents: the embedding has to carry the function, and a model that cannot be run
+        # (the wild) still gets a fingerprint from its weights
         self.behaviour_head = nn.Sequential(
             nn.Linear(cfg.pool_layers * cfg.d_latent, 2 * cfg.d_latent), nn.GELU(),
-            nn.Linear(2 * cfg.d_latent, cfg.behaviour_queries * cfg.behaviour_classes)) if cfg.behaviour_queries else None
+            nn.Linear(2 * cfg.d_latent, cfg.fingerprint_dims)) if cfg.behaviour_queries else None
         self.apply(self._init_weights)
 
     @staticmethod
@@ -263,12 +270,11 @@ class Backbone(nn.Module):
         return (sums / w.sum(1)[..., None].clamp_min(1.0)).reshape(B, K * L)
 
     def forward(self, batch: Batch) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
-        """(reconstruction (B, T, S+F), latent (B, T, L), projection (B, P), predicted outputs (B, Q, C) or None)."""
+        """(reconstruction (B, T, S+F), latent (B, T, L), projection (B, P), predicted fingerprint (B, 4 + C) or None)."""
         latent = self.encode(batch)
         outputs = None
         if self.behaviour_head is not None:
-            outputs = self.behaviour_head(self.pool(latent, batch)).view(
-                -1, self.cfg.behaviour_queries, self.cfg.behaviour_classes)
+            outputs = self.behaviour_head(self.pool(latent, batch))
         return self.decode(latent, batch), latent, self.project(latent, batch["n_valid"] > 0), outputs
 
     @torch.no_grad()

@@ -28,11 +28,16 @@ def _split() -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     return x[train], y[train], x[test], y[test]
 
 
-def load_digits_split() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+def load_digits_split(size: int = 8) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Return ``(x_train, y_train, x_test, y_test)`` of the fixed digits split.
 
-    ``x_*`` are float32 tensors shaped ``(N, 1, 8, 8)`` with values in [0, 1] (what both model types take);
+    ``x_*`` are float32 tensors shaped ``(N, 1, size, size)`` with values in [0, 1]: the 8x8 images as they are
+    (what the lab CNN and MLP take), or upsampled bilinearly to ``size`` (28: the Model Zoos "CNN (s)" input);
     ``y_*`` are int64 class labels 0-9. 1347 training and 450 test images; the split never changes.
     Fresh tensors are returned on every call, so callers may modify them.
     """
-    return tuple(torch.from_numpy(a.copy()) for a in _split())  # type: ignore[return-value]
+    x_train, y_train, x_test, y_test = (torch.from_numpy(a.copy()) for a in _split())
+    if size != 8:
+        x_train, x_test = (torch.nn.functional.interpolate(x, size=(size, size), mode="bilinear", align_corners=False)
+                           .clamp(0, 1) for x in (x_train, x_test))
+    return x_train, y_train, x_test, y_test

@@ -18,7 +18,8 @@ from .data import DATASET_NAME
 from .models import ACTIVATIONS, INIT_TYPES
 
 #: ``--arch`` values and the ``model::type`` values each one draws from.
-ARCHES = {"cnn": ("CNN",), "mlp": ("MLP",), "mixed": ("CNN", "MLP")}
+ARCHES = {"cnn": ("CNN",), "mlp": ("MLP",), "mixed": ("CNN", "MLP"),
+          "cnn-s": ("CNN-s",)}  # the Model Zoos MNIST "CNN (s)", on digits upsampled to 28x28
 
 #: The grid, in the order its keys appear in trial names. Chosen (and measured: see zoo/README.md) so that
 #: last-epoch test accuracies spread from chance (raw uniform/normal inits, sgd) to above 0.95 (kaiming, adam).

@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from .data import load_digits_split
+from .models import INPUT_SIZE
 from .train import finite_or_none, train_model
 
 log = logging.getLogger(__name__)
@@ -67,7 +68,7 @@ def run_trial(task: TrialTask) -> TrialOutcome:
         (tmp / "params.json").write_text(json.dumps(task.params, indent=2, sort_keys=True) + "\n")
         with open(tmp / "result.json", "w") as results:
             writer = _ResultWriter(tmp, results, task)
-            train_model(task.params, load_digits_split(), writer)
+            train_model(task.params, load_digits_split(INPUT_SIZE[task.params["model::type"]]), writer)
         if final.exists():
             raise FileExistsError(f"{final} appeared while the trial ran")
         os.rename(tmp, final)
