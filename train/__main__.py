@@ -64,7 +64,9 @@ def build_parser() -> Parser:
         description="Predict properties (test accuracy, epoch, generalization gap, hyperparameters) from "
         "model features with ridge (alpha chosen on a validation split), an outlier-safe ridge and "
         "gradient-boosted trees, split by trained model 70/15/15. Baselines: per-layer statistics s(W) "
-        "and flattened weights W.",
+        "and flattened weights W. Models of a known architecture also get `behaviour` (their fingerprints, "
+        "computed first where missing: see `train behaviour`) and `s(W)+behaviour`; with --run, the backbone's "
+        "embeddings and `combined` (backbone ⊕ s(W) ⊕ behaviour).",
     )
     p.add_argument("--catalog", required=True)
     p.add_argument("--run", help="a trained backbone run: adds its embeddings as a feature set (embedding the "
