@@ -111,9 +111,9 @@ class TrainConfig:
     @classmethod
     def small(cls) -> TrainConfig:
         """The CPU default (`train fit` with no flavour): a zoo of ~1,000 small checkpoints in minutes on 2 cores."""
-        # enough optimizer steps for per-weight reconstruction (small batches, 25 epochs); the behaviour head's
+        # enough optimizer steps for per-weight reconstruction (small batches, 15 epochs); the behaviour head's
         # gradient, at weight 1, held the reconstruction MSE near that of predicting zeros (bench/recon.py)
-        return cls(model=ModelConfig.small(), epochs=25, batch_size=16, lr=1e-3, warmup=0.1, weight_decay=1e-4,
+        return cls(model=ModelConfig.small(), epochs=15, batch_size=16, lr=1e-3, warmup=0.1, weight_decay=1e-4,
                    behaviour_head=0.1)
 
     @classmethod

@@ -22,6 +22,7 @@ NUMERIC_TARGETS = ("test_acc", "epoch", "ggap")
 MAX_CLASSES = 12
 TREES_MAX = 1500  # features beyond which trees are skipped (W: thousands of weights)
 RIDGE_ONLY = ("backbone-mean",)  # feature sets scored with the ridge heads only (trees cost a minute per set)
+NO_CLASSES = ("backbone",)  # hyperparameters are classified from `combined` (which holds it), not from it alone
 
 
 def categorical_targets(pop: Population) -> dict[str, np.ndarray]:
@@ -95,7 +96,7 @@ def run_probe(cat: Catalog, seed: int = 0, embeddings: dict[str, np.ndarray] | n
     for name, labels in classes.items():
         for fname, x in sets.items():
             for head in ("logistic", "trees"):
-                if x.shape[1] > TREES_MAX or fname in RIDGE_ONLY:  # W: trees do not scale to it, its logistic
+                if x.shape[1] > TREES_MAX or fname in RIDGE_ONLY + NO_CLASSES:  # W: trees do not scale to it, its logistic
                     continue  # head costs minutes; the plain mean is a comparison, not a contender
                 acc = probe.classify_probe(x, labels, split, head, seed)
                 results.append({"property": name, "method": f"{fname} {head}", "metric": "accuracy",
