@@ -20,6 +20,10 @@ from catalog.store import Catalog
 log = logging.getLogger("train")
 
 
+PROBES_HELP = ("images as an .npy array (N, H, W) or (N, C, H, W), read without pickle: the probe inputs of behaviour "
+               "fingerprints in place of the built-in data set")
+
+
 def build_parser() -> Parser:
     parser = Parser(prog="python -m train", description="Train, evaluate and use weight-space backbones.")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=Parser)
@@ -76,8 +80,7 @@ def build_parser() -> Parser:
     p.add_argument("--seed", type=int, default=0, help="seed of the first split (default 0)")
     p.add_argument("--seeds", type=int, default=5, help="split seeds, --seed onwards; every method is scored on "
                    "the same splits and reported as mean ± sd (default 5)")
-    p.add_argument("--probes", help="images as an .npy array (N, H, W) or (N, C, H, W), read without pickle: the "
-                   "probe inputs of behaviour fingerprints in place of the built-in data set")
+    p.add_argument("--probes", help=PROBES_HELP)
     p.add_argument("-v", "--verbose", action="store_true")
     p = sub.add_parser(
         "behaviour",
@@ -89,7 +92,7 @@ def build_parser() -> Parser:
         "only what is missing; models of other architectures get no fingerprint.",
     )
     p.add_argument("--catalog", required=True)
-    p.add_argument("--probes", help="images as an .npy array (N, H, W) or (N, C, H, W), read without pickle")
+    p.add_argument("--probes", help=PROBES_HELP)
     p.add_argument("-v", "--verbose", action="store_true")
     return parser
 

@@ -527,30 +527,35 @@ def _bases(parts: list[Tokens]) -> list[int]:
     return [sum(sizes[:i]) for i in range(len(sizes))]
 
 
-def chunks(refs: list[ModelRef], chunk_tokens: int) -> list[list[ModelRef]]:
-    """Reading units of at most `chunk_tokens` tokens (or one model).
-
-    Models that fit in one unit all go together in model_id order, so what a worker sees does not
-    depend on how a crawl happened to cut its shards; otherwise each unit holds models of one shard
-    (every shard file is read once per epoch).
-    """
-    if sum(r.n_tokens for r in refs) <= chunk_tokens:
-        return [sorted(refs, key=lambda r: r.model_id)] if refs else []
+def shard_units(refs: list[ModelRef], max_tokens: int) -> list[list[ModelRef]]:
+    """Consecutive models (in model_id order) of one shard, at most `max_tokens` tokens each (or one model):
+    every shard file is read once per pass. The reading unit of the stream (train/stream.py) and of `chunks`."""
     by_shard: dict[str, list[ModelRef]] = defaultdict(list)
-    for r in refs:
+    for r in sorted(refs, key=lambda r: r.model_id):
         by_shard[r.shard].append(r)
     out = []
     for shard in sorted(by_shard):
         cur: list[ModelRef] = []
         size = 0
         for r in by_shard[shard]:
-            if cur and size + r.n_tokens > chunk_tokens:
+            if cur and size + r.n_tokens > max_tokens:
                 out.append(cur)
                 cur, size = [], 0
             cur.append(r)
             size += r.n_tokens
         out.append(cur)
     return out
+
+
+def chunks(refs: list[ModelRef], chunk_tokens: int) -> list[list[ModelRef]]:
+    """Reading units of at most `chunk_tokens` tokens (or one model).
+
+    Models that fit in one unit all go together in model_id order, so what a reader sees does not
+    depend on how a crawl happened to cut its shards; otherwise `shard_units`.
+    """
+    if sum(r.n_tokens for r in refs) <= chunk_tokens:
+        return [sorted(refs, key=lambda r: r.model_id)] if refs else []
+    return shard_units(refs, chunk_tokens)
 
 
 def n_windows(ref: ModelRef, window: int) -> int:

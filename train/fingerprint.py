@@ -94,24 +94,25 @@ def load_user_probes(path: str) -> np.ndarray:
     return x
 
 
-def summarize(logits: torch.Tensor, noisy: torch.Tensor) -> dict[str, np.ndarray]:
-    """Summaries (G,) or (G, ·) of G models' logits (G, Q, C) and of their logits under weight noise."""
-    logits = torch.nan_to_num(logits.double(), nan=0.0, posinf=LOGIT_CLIP, neginf=-LOGIT_CLIP).clamp(-LOGIT_CLIP, LOGIT_CLIP)
-    noisy = torch.nan_to_num(noisy.double(), nan=0.0, posinf=LOGIT_CLIP, neginf=-LOGIT_CLIP).clamp(-LOGIT_CLIP, LOGIT_CLIP)
+def _clean(logits: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    return torch.nan_to_num(logits.to(dtype), nan=0.0, posinf=LOGIT_CLIP, neginf=-LOGIT_CLIP).clamp(-LOGIT_CLIP, LOGIT_CLIP)
+
+
+def _summaries(logits: torch.Tensor) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+    """({max_prob, entropy, margin, logit_norm, class_probs}, softmax) of clean logits (G, Q, C), means over Q."""
     logp = F.log_softmax(logits, -1)
     p = logp.exp()
     top2 = p.topk(min(2, p.shape[-1]), dim=-1).values
     margin = top2[..., 0] - (top2[..., 1] if top2.shape[-1] > 1 else 0)
-    tv = 0.5 * (p - F.softmax(noisy, -1)).abs().sum(-1)
-    out = {
-        "max_prob": top2[..., 0].mean(-1),
-        "entropy": -(p * logp).sum(-1).mean(-1),
-        "margin": margin.mean(-1),
-        "logit_norm": logits.norm(dim=-1).mean(-1),
-        "sensitivity": tv.mean(-1),
-        "class_probs": p.mean(1),
-        "outputs": p[:, :N_RAW].reshape(len(p), -1),
-    }
+    return {"max_prob": top2[..., 0].mean(-1), "entropy": -(p * logp).sum(-1).mean(-1), "margin": margin.mean(-1),
+            "logit_norm": logits.norm(dim=-1).mean(-1), "class_probs": p.mean(1)}, p
+
+
+def summarize(logits: torch.Tensor, noisy: torch.Tensor) -> dict[str, np.ndarray]:
+    """Summaries (G,) or (G, ·) of G models' logits (G, Q, C) and of their logits under weight noise."""
+    out, p = _summaries(_clean(logits, torch.float64))
+    out["sensitivity"] = (0.5 * (p - F.softmax(_clean(noisy, torch.float64), -1)).abs().sum(-1)).mean(-1)
+    out["outputs"] = p[:, :N_RAW].reshape(len(p), -1)
     return {k: v.float().numpy() for k, v in out.items()}
 
 
@@ -120,17 +121,10 @@ HEAD_SUMMARIES = ("max_prob", "entropy", "margin", "log_logit_norm")  # then the
 
 def head_target(logits: torch.Tensor) -> torch.Tensor:
     """The fingerprint the backbone's behaviour head learns to predict from weights, (G, 4 + C) from logits
-    (G, Q, C): mean max-probability, mean entropy, mean margin, log(1 + mean logit norm), per-class mean
-    probability — the summaries of `summarize`, all of order one."""
-    logits = torch.nan_to_num(logits.float(), nan=0.0, posinf=LOGIT_CLIP, neginf=-LOGIT_CLIP).clamp(-LOGIT_CLIP,
-                                                                                                  LOGIT_CLIP)
-    logp = F.log_softmax(logits, -1)
-    p = logp.exp()
-    top2 = p.topk(min(2, p.shape[-1]), dim=-1).values
-    margin = top2[..., 0] - (top2[..., 1] if top2.shape[-1] > 1 else 0)
-    cols = [top2[..., 0].mean(-1), -(p * logp).sum(-1).mean(-1), margin.mean(-1),
-            torch.log1p(logits.norm(dim=-1).mean(-1))]
-    return torch.cat([torch.stack(cols, -1), p.mean(1)], -1)
+    (G, Q, C): the summaries of `summarize` (logit norm as log1p), all of order one."""
+    out, _ = _summaries(_clean(logits, torch.float32))
+    cols = [out["max_prob"], out["entropy"], out["margin"], torch.log1p(out["logit_norm"])]
+    return torch.cat([torch.stack(cols, -1), out["class_probs"]], -1)
 
 
 def _read_weights(cat: Catalog, by_shard: dict[str, list[str]]) -> dict[str, dict[str, np.ndarray]]:
@@ -172,16 +166,15 @@ def compute(cat: Catalog, user: np.ndarray | None = None, model_ids: list[str] |
     """Fingerprint every recognized `ok` model (or those of `model_ids`) that lacks a row for one of its probe
     sets; append them as one `behaviour` shard. Returns a summary (models, rows written, skipped, seconds)."""
     from train.behaviour import canonical_net, input_shape, model_archs
+    from train.data import list_models
 
     t0 = time.time()
     con = connect(cat, tables=("behaviour",))
-    ok = _ok_models(cat)
-    shard_of = dict(ok)
+    shard_of = {r.model_id: r.shard for r in list_models(cat)}
     if model_ids is not None:
         shard_of = {m: s for m, s in shard_of.items() if m in set(model_ids)}
     archs = model_archs(cat, list(shard_of))
-    have = set(con.execute("SELECT model_id || chr(0) || probe_set FROM behaviour").fetchall())
-    have = {h[0] for h in have}
+    have = {h for (h,) in con.execute("SELECT model_id || chr(0) || probe_set FROM behaviour").fetchall()}
     by_arch: dict[str, list[str]] = defaultdict(list)
     sets_of: dict[str, dict[str, torch.Tensor]] = {}
     for m, key in sorted(archs.items()):
@@ -212,10 +205,9 @@ def compute(cat: Catalog, user: np.ndarray | None = None, model_ids: list[str] |
                 by_shard[shard_of[m]].append(m)
             weights = _read_weights(cat, by_shard)
             # tensors by order (a checkpoint's names shift with dropout; its shapes were checked by model_archs)
-            stacked = {}
-            for i, name in enumerate(names):
-                arrs = [list(weights[m].values())[i] for m in chunk]
-                stacked[name] = torch.from_numpy(np.stack(arrs)).reshape(len(chunk), *shapes[i])
+            per_model = [list(weights[m].values()) for m in chunk]
+            stacked = {name: torch.from_numpy(np.stack([w[i] for w in per_model])).reshape(len(chunk), *shapes[i])
+                       for i, name in enumerate(names)}
             g = torch.Generator().manual_seed(7)
             noisy = {k: v * (1 + NOISE_SCALE * torch.randn(v.shape[1:], generator=g)) for k, v in stacked.items()}
             for set_name, x in sets.items():
@@ -243,16 +235,6 @@ def compute(cat: Catalog, user: np.ndarray | None = None, model_ids: list[str] |
     path = cat.write_table("behaviour", f"{time.strftime('%Y%m%dT%H%M%S')}-{uuid.uuid4().hex[:12]}", table)
     return {"models": len(archs), "written": n, "fingerprinted": todo, "unknown": len(shard_of) - len(archs),
             "seconds": time.time() - t0, "path": path}
-
-
-def _ok_models(cat: Catalog) -> list[tuple[str, str]]:
-    out = []
-    for path in cat.files("models"):
-        shard = path.rsplit("/", 1)[1][: -len(".parquet")]
-        t = pq.read_table(path, columns=["model_id", "status"], filesystem=cat.fs)
-        out += [(m, shard) for m, s in zip(t.column("model_id").to_pylist(), t.column("status").to_pylist(),
-                                           strict=True) if s == "ok"]
-    return out
 
 
 def features(cat: Catalog, model_ids: list[str]) -> np.ndarray | None:

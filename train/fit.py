@@ -48,7 +48,6 @@ from train.run import MODEL_FILE, RAY_RUN_NAME, RunDir, new_run_id
 from train.stream import data_config, window_count, window_dataset
 
 log = logging.getLogger(__name__)
-PROJECT_ROOT = str(Path(__file__).resolve().parent.parent)
 
 
 def lr_factor(step: int, total: int, warmup: float, schedule: str) -> float:

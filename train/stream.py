@@ -29,33 +29,18 @@ from __future__ import annotations
 
 import logging
 import zlib
-from collections import defaultdict
 from typing import Any
 
 import numpy as np
 
 from catalog.store import Catalog
-from train.data import BatchArrays, ModelRef, Normalizer, n_windows, permute_views, read_models
+from train.data import BatchArrays, ModelRef, Normalizer, n_windows, permute_views, read_models, shard_units
 
 log = logging.getLogger(__name__)
 def units(refs: list[ModelRef], unit_tokens: int) -> list[dict[str, Any]]:
-    """Reading units: consecutive models (in model_id order) of one shard, at most `unit_tokens` tokens each
-    (or one model), as rows {shard, model_ids, n_tokens}."""
-    by_shard: dict[str, list[ModelRef]] = defaultdict(list)
-    for r in sorted(refs, key=lambda r: r.model_id):
-        by_shard[r.shard].append(r)
-    out: list[dict[str, Any]] = []
-    for shard in sorted(by_shard):
-        cur: list[str] = []
-        size = 0
-        for r in by_shard[shard]:
-            if cur and size + r.n_tokens > unit_tokens:
-                out.append({"shard": shard, "model_ids": cur, "n_tokens": size})
-                cur, size = [], 0
-            cur.append(r.model_id)
-            size += r.n_tokens
-        out.append({"shard": shard, "model_ids": cur, "n_tokens": size})
-    return out
+    """Reading units (`train.data.shard_units`) as rows {shard, model_ids, n_tokens}."""
+    return [{"shard": u[0].shard, "model_ids": [r.model_id for r in u], "n_tokens": sum(r.n_tokens for r in u)}
+            for u in shard_units(refs, unit_tokens)]
 
 
 def window_count(refs: list[ModelRef], window: int, views: int = 1) -> int:
