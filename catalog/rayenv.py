@@ -7,7 +7,11 @@ Ray of `num_cpus` logical CPUs, passing the project on `PYTHONPATH` and the vari
 Every Ray worker process runs `quiet_worker_logs` first (`worker_process_setup_hook`): a user sees the
 command's own progress, not Ray's internals. Train V2's placement-group cleaner polls the controller through
 the State API, which a Ray without its dashboard lacks, and logs "Failed to query Ray Train Controller actor
-state" every few seconds of every fit (STACK.md): that line is dropped. Ray Data logs a line per dataset
+state" every few seconds of every fit (STACK.md): that line is dropped. Two more reach the driver from Ray's
+own machinery and say nothing a user can act on: the notice that a locally started Ray enabled token
+authentication (it stays enabled; only the notice is silenced), and Train V2's C++ error line that its
+`PreemptionWatcher` actor "has constructor arguments in the object store and max_restarts > 0": the
+driver's log printer drops exactly those lines (`_DRIVER_DROPPED`), everything else passes. Ray Data logs a line per dataset
 execution and a notice that progress bars are off: its console shows warnings only (`ray_data_logging.yaml`,
 through Ray Data's own RAY_DATA_LOGGING_CONFIG), its session log file keeps everything. Warnings and errors
 of every other kind still reach the driver.
@@ -26,6 +30,9 @@ DATA_LOGGING = str(Path(__file__).resolve().parent / "ray_data_logging.yaml")
 _DROPPED = {
     "ray.train.v2._internal.execution.controller.placement_group_cleaner": ("Failed to query Ray Train Controller",),
 }
+# lines of worker output the driver prints: (every one of these substrings) -> dropped
+_DRIVER_DROPPED = (("core_worker.cc", "'PreemptionWatcher'", "has constructor arguments in the object store"),)
+_AUTH_NOTICE = "ray._private.authentication.authentication_token_setup"
 
 
 class _Drop(logging.Filter):
@@ -57,6 +64,36 @@ def quiet_env() -> None:
     os.environ.setdefault("RAY_DATA_LOGGING_CONFIG", DATA_LOGGING)
 
 
+def keep_line(line: str) -> bool:
+    """False for a worker-output line the driver drops (`_DRIVER_DROPPED`)."""
+    return not any(all(part in line for part in parts) for parts in _DRIVER_DROPPED)
+
+
+def filter_driver_logs() -> bool:
+    """Wrap the driver's printer of worker output so `keep_line` decides each line; True if it was found.
+
+    Ray prints workers' output through handlers of its stdstream dispatcher (private API: if it moves, the
+    lines simply show again)."""
+    try:
+        from ray._private.ray_logging import global_worker_stdstream_dispatcher as dispatcher
+    except ImportError:
+        return False
+
+    def wrap(handler):
+        def filtered(data):
+            lines = [line for line in data.get("lines", ()) if keep_line(line)]
+            if lines or not data.get("lines"):
+                handler({**data, "lines": lines})
+        filtered.wrapped = True
+        return filtered
+
+    with dispatcher._lock:
+        found = [(name, h) for name, h in dispatcher.handlers if name == "ray_print_logs"]
+        dispatcher.handlers = [(name, h if name != "ray_print_logs" or getattr(h, "wrapped", False) else wrap(h))
+                               for name, h in dispatcher.handlers]
+    return bool(found)
+
+
 def ensure_ray(num_cpus: int | None = None) -> bool:
     """Start a local Ray (or attach to RAY_ADDRESS) unless one is up; True if this call started it."""
     import ray
@@ -70,6 +107,13 @@ def ensure_ray(num_cpus: int | None = None) -> bool:
     if os.environ.get("RAY_ADDRESS"):
         ray.init(runtime_env=runtime_env, log_to_driver=True)
     else:
-        ray.init(num_cpus=num_cpus or os.cpu_count() or 1, include_dashboard=False, runtime_env=runtime_env,
-                 log_to_driver=True, logging_level=logging.WARNING)
+        notice = logging.getLogger(_AUTH_NOTICE)
+        level = notice.level
+        notice.setLevel(logging.ERROR)
+        try:
+            ray.init(num_cpus=num_cpus or os.cpu_count() or 1, include_dashboard=False, runtime_env=runtime_env,
+                     log_to_driver=True, logging_level=logging.WARNING)
+        finally:
+            notice.setLevel(level)
+    filter_driver_logs()
     return True

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 
+import pytest
 import pyarrow as pa
 
 from catalog.store import Catalog
@@ -78,3 +79,23 @@ def test_object_store_catalog_path(tmp_path):
     assert con.execute("SELECT count(*) FROM tokens WHERE model_id = 'm/cnn'").fetchone()[0] == n > 0
     assert "classifier.weight" in model_tensors("mock://bucket/wz", "m/cnn")
     assert crawl(make_tasks(rows), cat, use_ray=False)["already_done"] == 2
+
+
+@pytest.mark.ray
+def test_the_driver_drops_rays_internal_preemption_watcher_line_and_keeps_every_other(ray_session, capsys):
+    from ray._private.ray_logging import global_worker_stdstream_dispatcher as dispatcher
+
+    from catalog.rayenv import filter_driver_logs
+
+    assert filter_driver_logs()
+    internal = ("[2026-12-03 12:10:12,401 E 11172 11197] core_worker.cc:2465: Actor with class name: 'PreemptionWatcher' "
+                "and ID: '5a43' has constructor arguments in the object store and max_restarts > 0")
+    mine = "12:10:16 INFO train.fit: rank 0 of 2 on cpu"
+    other_cc = "[2026-12-03 12:10:12,401 E 11172 11197] core_worker.cc:999: something a user must see"
+    dispatcher.emit({"ip": "127.0.0.1", "localhost": "127.0.0.1", "pid": 4242, "task_name": "TrainController",
+                     "actor_name": "", "is_err": True, "lines": [internal, mine, other_cc], "job": ""})
+    err = capsys.readouterr().err
+    assert mine in err and "something a user must see" in err
+    assert "PreemptionWatcher" not in err
+    assert filter_driver_logs()  # idempotent: a second call does not wrap twice
+    assert sum(name == "ray_print_logs" for name, _ in dispatcher.handlers) == 1
