@@ -10,8 +10,11 @@ the State API, which a Ray without its dashboard lacks, and logs "Failed to quer
 state" every few seconds of every fit (STACK.md): that line is dropped. Two more reach the driver from Ray's
 own machinery and say nothing a user can act on: the notice that a locally started Ray enabled token
 authentication (it stays enabled; only the notice is silenced), and Train V2's C++ error line that its
-`PreemptionWatcher` actor "has constructor arguments in the object store and max_restarts > 0": the
-driver's log printer drops exactly those lines (`_DRIVER_DROPPED`), everything else passes. Ray Data logs a line per dataset
+`PreemptionWatcher` actor "has constructor arguments in the object store and max_restarts > 0" (and the
+same line of the driver's own C++ core worker for every Ray Data actor pool: Ray issue 53727, harmless
+here): the driver's printer of worker output drops exactly those lines (`_DRIVER_DROPPED`), and so does
+a filter on the driver's file descriptor 2 (C++ writes there directly), installed by `ensure_ray` after
+Ray's own processes have started and removed at exit; everything else passes. Ray Data logs a line per dataset
 execution and a notice that progress bars are off: its console shows warnings only (`ray_data_logging.yaml`,
 through Ray Data's own RAY_DATA_LOGGING_CONFIG), its session log file keeps everything. Warnings and errors
 of every other kind still reach the driver.
@@ -31,7 +34,9 @@ _DROPPED = {
     "ray.train.v2._internal.execution.controller.placement_group_cleaner": ("Failed to query Ray Train Controller",),
 }
 # lines of worker output the driver prints: (every one of these substrings) -> dropped
-_DRIVER_DROPPED = (("core_worker.cc", "'PreemptionWatcher'", "has constructor arguments in the object store"),)
+_DRIVER_DROPPED = (("core_worker.cc", "'PreemptionWatcher'", "has constructor arguments in the object store"),
+                   ("core_worker.cc", "'MapWorker(", "has constructor arguments in the object store"))
+_STDERR_FILTER: list = []
 _AUTH_NOTICE = "ray._private.authentication.authentication_token_setup"
 
 
@@ -94,6 +99,60 @@ def filter_driver_logs() -> bool:
     return bool(found)
 
 
+def filter_stderr() -> bool:
+    """Pass this process's file descriptor 2 through `keep_line` (a pipe and a thread), once; undone at exit.
+
+    Only this process's own writes go through it: Ray's processes started before the call keep their own
+    stderr, and the workers a raylet starts inherit the raylet's. A line is held until its newline only
+    when it may be one to drop; whatever is pending at exit is written out."""
+    import atexit
+    import sys
+    import threading
+
+    if _STDERR_FILTER:
+        return False
+    try:
+        sys.stderr.flush()
+        saved = os.dup(2)
+        read_end, write_end = os.pipe()
+        os.dup2(write_end, 2)
+        os.close(write_end)
+    except OSError:
+        return False
+
+    def pump() -> None:
+        pending = b""
+        try:
+            while chunk := os.read(read_end, 1 << 16):
+                *lines, pending = (pending + chunk).split(b"\n")
+                out = b"".join(line + b"\n" for line in lines if keep_line(line.decode(errors="replace")))
+                if pending and b".cc:" not in pending:  # a partial line (a progress bar) that cannot be dropped
+                    out, pending = out + pending, b""
+                if out:
+                    os.write(saved, out)
+            if pending and keep_line(pending.decode(errors="replace")):
+                os.write(saved, pending)
+        except OSError:  # the reader of our stderr went away
+            pass
+        finally:
+            os.close(read_end)
+
+    thread = threading.Thread(target=pump, name="wildzoo-stderr", daemon=True)
+    thread.start()
+
+    def restore() -> None:
+        try:
+            sys.stderr.flush()
+        except (OSError, ValueError):
+            pass
+        os.dup2(saved, 2)  # closes the pipe's write end: the pump drains and ends
+        thread.join(timeout=5)
+
+    atexit.register(restore)
+    _STDERR_FILTER.append(restore)
+    return True
+
+
 def ensure_ray(num_cpus: int | None = None) -> bool:
     """Start a local Ray (or attach to RAY_ADDRESS) unless one is up; True if this call started it."""
     import ray
@@ -116,4 +175,5 @@ def ensure_ray(num_cpus: int | None = None) -> bool:
         finally:
             notice.setLevel(level)
     filter_driver_logs()
+    filter_stderr()
     return True

@@ -49,6 +49,14 @@ def resolve(uri: str) -> tuple[pafs.FileSystem, str]:
     return pafs.LocalFileSystem(), os.path.abspath(uri)
 
 
+def storage_error(e: OSError) -> str:
+    """A storage error in one line, with what to do where the cause is a missing bucket."""
+    text = str(e).splitlines()[0] if str(e) else type(e).__name__
+    if "allow_bucket_creation" in text or "NoSuchBucket" in text:
+        text = text.split(". To create buckets")[0] + " (create the bucket first: wildzoo never creates buckets)"
+    return text
+
+
 @dataclass
 class Catalog:
     """A catalog location and its spec (token size, tokenization)."""
@@ -81,10 +89,13 @@ class Catalog:
                 raise CatalogMissing(f"catalog {uri} is an empty folder")
             raise WildzooError(f"{uri} is not a wildzoo catalog (no catalog.json)")
         spec = spec or CatalogSpec()
-        fs.create_dir(root, recursive=True)
-        for t in TABLES:
-            fs.create_dir(f"{root}/{t}", recursive=True)
-        atomic_write(fs, meta, spec.to_json().encode())
+        try:
+            fs.create_dir(root, recursive=True)
+            for t in TABLES:
+                fs.create_dir(f"{root}/{t}", recursive=True)
+            atomic_write(fs, meta, spec.to_json().encode())
+        except OSError as e:
+            raise WildzooError(f"cannot create catalog {uri}: {storage_error(e)}") from None
         return cls(uri, spec, fs, root)
 
     def check(self, settings: dict) -> None:

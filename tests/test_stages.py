@@ -99,3 +99,24 @@ def test_the_driver_drops_rays_internal_preemption_watcher_line_and_keeps_every_
     assert "PreemptionWatcher" not in err
     assert filter_driver_logs()  # idempotent: a second call does not wrap twice
     assert sum(name == "ray_print_logs" for name, _ in dispatcher.handlers) == 1
+
+
+def test_the_stderr_filter_drops_the_drivers_own_core_worker_line_and_passes_everything_else():
+    import subprocess
+    import sys
+
+    code = (
+        "import os, sys\n"
+        "from catalog.rayenv import filter_stderr\n"
+        "assert filter_stderr() and not filter_stderr()\n"
+        "os.write(2, b\"[2026 E 1 1] core_worker.cc:2465: Actor with class name: 'MapWorker(MapBatches(CrawlWorker))' "
+        "and ID: 'f5' has constructor arguments in the object store and max_restarts > 0.\\n\")\n"
+        "os.write(2, b'[2026 E 1 1] core_worker.cc:10: a real error\\n')\n"
+        "print('from python', file=sys.stderr)\n"
+        "os.write(2, b'progress 50%')\n"
+    )
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=root, timeout=60)
+    assert p.returncode == 0, p.stderr
+    assert "MapWorker" not in p.stderr
+    assert "a real error" in p.stderr and "from python" in p.stderr and p.stderr.endswith("progress 50%")
