@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import os
 
-import pytest
 import pyarrow as pa
+import pytest
 
 from catalog.store import Catalog
 from crawl.local import find_models
