@@ -8,6 +8,7 @@ are removed before the next crawl starts, so a rerun neither loses nor duplicate
 
 from __future__ import annotations
 
+import hashlib
 import json
 import time
 import uuid
@@ -140,8 +141,10 @@ class Catalog:
                     removed += 1
         return removed
 
-    def new_shard(self) -> Shard:
-        return Shard(self)
+    def new_shard(self, stamp: str | None = None, settings: dict | None = None, model_id: str | None = None) -> Shard:
+        """A shard whose id is decided by its content (see `Shard`); `model_id` names its one model up front
+        (a model streamed into a shard of its own)."""
+        return Shard(self, stamp, settings, model_id)
 
     def write_table(self, table: str, stem: str, data: pa.Table) -> str:
         """Write `<table>/<stem>.parquet` whole and atomically (temporary name, then rename); returns its path.
@@ -171,18 +174,42 @@ def _write_table(fs: pafs.FileSystem, path: str, table: pa.Table) -> None:
     fs.move(tmp, path)
 
 
-class Shard:
-    """Rows of several models, written as one shard per table. Tokens may be streamed to disk."""
+def crawl_stamp() -> str:
+    """The time a crawl started, the first part of its shard ids: a later crawl's shards sort after."""
+    return time.strftime("%Y%m%dT%H%M%S", time.gmtime())
 
-    def __init__(self, catalog: Catalog) -> None:
+
+class Shard:
+    """Rows of several models, written as one shard per table. Tokens may be streamed to disk.
+
+    A shard's id is `<crawl stamp>-<hash>`, the hash of its model ids, the catalog's spec and the crawl's
+    settings: a batch that Ray executes again (its actor died after committing) writes the same files
+    again, replacing them, instead of adding a duplicate. A later crawl (`--retry-errors`) has a later
+    stamp, so its rows sort after the ones they replace."""
+
+    def __init__(self, catalog: Catalog, stamp: str | None = None, settings: dict | None = None,
+                 model_id: str | None = None) -> None:
         self.catalog = catalog
-        self.id = f"{time.strftime('%Y%m%dT%H%M%S')}-{uuid.uuid4().hex[:12]}"
+        self.stamp = stamp or crawl_stamp()
+        self.settings = settings or {}
+        self._id = self._content_id([model_id]) if model_id is not None else None
         self.rows: dict[str, list[dict]] = {"models": [], "tensors": [], "properties": []}
         self.token_bytes = 0
         self._tokens: list[pa.Table] = []
         self._writer: pq.ParquetWriter | None = None
         self._stream = None
         self.t0 = time.time()
+
+    def _content_id(self, model_ids: list[str]) -> str:
+        settings = {k: v for k, v in sorted(self.settings.items()) if "token" not in k.lower()}  # never a secret
+        content = json.dumps({"models": sorted(model_ids), "spec": asdict(self.catalog.spec), "settings": settings},
+                             sort_keys=True, default=str)
+        return f"{self.stamp}-{hashlib.sha256(content.encode()).hexdigest()[:16]}"
+
+    @property
+    def id(self) -> str:
+        """Decided at the commit (or when tokens start streaming), by the models the shard holds then."""
+        return self._id or self._content_id([m["model_id"] for m in self.rows["models"]])
 
     def _path(self, table: str, tmp: bool = False) -> str:
         return f"{self.catalog.root}/{table}/{TMP_PREFIX if tmp else ''}{self.id}.parquet"
@@ -222,6 +249,7 @@ class Shard:
     def commit(self) -> dict:
         """Write every table (models last) and return the shard's stats."""
         cat, fs = self.catalog, self.catalog.fs
+        self._id = self.id
         if self._writer is not None:
             for t in self._tokens:
                 self._writer.write_table(t)

@@ -15,7 +15,7 @@ from collections import Counter
 import pyarrow as pa
 
 from catalog.rayenv import ensure_ray
-from catalog.store import Catalog
+from catalog.store import Catalog, crawl_stamp
 from crawl.tasks import dedupe, skip_done
 from crawl.worker import CrawlWorker
 
@@ -30,9 +30,13 @@ def crawl(
     batch_size: int = 8,
     retry_errors: bool = False,
     use_ray: bool = True,
+    worker: type[CrawlWorker] = CrawlWorker,
 ) -> dict:
-    """Crawl `tasks` into `catalog`; returns a summary (counts by status, failures with reasons)."""
+    """Crawl `tasks` into `catalog`; returns a summary (counts by status, failures with reasons).
+
+    `worker` is the callable class the actors run (a subclass in the fault tests)."""
     t0 = time.time()
+    stamp = crawl_stamp()
     options = options or {}
     removed = catalog.clean()
     if removed:
@@ -42,12 +46,12 @@ def crawl(
     log.info("%d model(s) to crawl, %d already in the catalog", todo.num_rows, skipped_done)
     results = []
     if todo.num_rows and use_ray:
-        results = _run_ray(todo, catalog, options, workers, batch_size)
+        results = _run_ray(todo, catalog, options, workers, batch_size, stamp, worker)
     elif todo.num_rows:
-        worker = CrawlWorker(catalog.uri, options)
+        crawler = worker(catalog.uri, options, stamp)
         progress = Progress(todo.num_rows)
         for s in range(0, todo.num_rows, batch_size):
-            results.append(worker(todo.slice(s, batch_size)))
+            results.append(crawler(todo.slice(s, batch_size)))
             progress.update(results[-1])
     rows = pa.concat_tables(results).to_pylist() if results else []
     counts = Counter(r["status"] for r in rows)
@@ -63,7 +67,8 @@ def crawl(
     }
 
 
-def _run_ray(todo: pa.Table, catalog: Catalog, options: dict, workers: int | None, batch_size: int) -> list[pa.Table]:
+def _run_ray(todo: pa.Table, catalog: Catalog, options: dict, workers: int | None, batch_size: int, stamp: str,
+             worker: type[CrawlWorker]) -> list[pa.Table]:
     import ray
     from ray.data import ActorPoolStrategy, DataContext
 
@@ -76,8 +81,8 @@ def _run_ray(todo: pa.Table, catalog: Catalog, options: dict, workers: int | Non
         t0 = time.time()
         blocks = [todo.slice(s, batch_size) for s in range(0, todo.num_rows, batch_size)]  # one block per batch:
         ds = ray.data.from_arrow(blocks).map_batches(  # a single block would all go to one worker
-            CrawlWorker,
-            fn_constructor_kwargs={"catalog_uri": catalog.uri, "options": options},
+            worker,
+            fn_constructor_kwargs={"catalog_uri": catalog.uri, "options": options, "stamp": stamp},
             batch_size=batch_size,
             batch_format="pyarrow",
             compute=ActorPoolStrategy(min_size=1, max_size=n),

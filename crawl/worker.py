@@ -19,7 +19,7 @@ import pyarrow as pa
 from catalog.errors import BadWeights, WildzooError
 from catalog.process import ModelRecords
 from catalog.schema import MODELS, PROPERTIES, TENSORS
-from catalog.store import Catalog, Shard
+from catalog.store import Catalog, Shard, crawl_stamp
 
 log = logging.getLogger(__name__)
 
@@ -109,9 +109,10 @@ def load_task(task: dict, options: dict):
 class CrawlWorker:
     """Callable over a batch of tasks; writes shards to the catalog and returns one summary row per model."""
 
-    def __init__(self, catalog_uri: str, options: dict | None = None) -> None:
+    def __init__(self, catalog_uri: str, options: dict | None = None, stamp: str | None = None) -> None:
         self.catalog = Catalog.open(catalog_uri)
         self.options = options or {}
+        self.stamp = stamp or crawl_stamp()  # the crawl's: shard ids are decided by content (catalog.store.Shard)
         self.header_only = bool(self.options.get("header_only", False))
         self._releases: list = []  # callables freeing committed models' resources (downloaded files)
 
@@ -124,18 +125,21 @@ class CrawlWorker:
 
     def _batch(self, batch: pa.Table) -> pa.Table:
         summary = []
-        shard = self.catalog.new_shard()
+        shard = self._shard()
         for task in batch.to_pylist():
             row = self._one(task, shard)
             summary.append({k: row.get(k) for k in SUMMARY.names})
             if shard.token_bytes > BUFFER_BYTES:
                 shard.commit()
                 self._release()
-                shard = self.catalog.new_shard()
+                shard = self._shard()
         if shard.n_models:
             shard.commit()
         self._release()
         return pa.Table.from_pylist(summary, schema=SUMMARY)
+
+    def _shard(self, model_id: str | None = None) -> Shard:
+        return self.catalog.new_shard(self.stamp, self.options, model_id)
 
     def _release(self) -> None:
         """Let sources free what their models held (downloaded files) once the models are committed."""
@@ -171,7 +175,7 @@ class CrawlWorker:
         spec = self.catalog.spec
         rec = ModelRecords(task["model_id"], loaded.weights, spec, header_only=self.header_only)
         big = rec.n_tokens * spec.token_size * 4 > STREAM_BYTES
-        target = self.catalog.new_shard() if big else shard
+        target = self._shard(task["model_id"]) if big else shard
         try:
             if big:
                 target.stream_tokens(rec.tokens())
