@@ -17,6 +17,26 @@ class Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
 
 
+def resources_arg(text: str) -> dict[str, float]:
+    """`--worker-resources JSON`: custom Ray resources (a node type's label, e.g. {"crawler": 1}) per worker."""
+    import json
+
+    try:
+        value = json.loads(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(f"not JSON: {e}") from None
+    if not isinstance(value, dict) or not all(
+            isinstance(k, str) and k not in ("CPU", "GPU") and isinstance(v, (int, float)) and not isinstance(v, bool)
+            and v > 0 for k, v in value.items()):
+        raise argparse.ArgumentTypeError('expected a JSON object of custom resource names (not CPU or GPU) and '
+                                         'amounts > 0, e.g. \'{"crawler": 1}\'')
+    return {k: float(v) for k, v in value.items()}
+
+
+WORKER_RESOURCES_HELP = ("custom Ray resources each worker needs, e.g. '{\"%s\": 1}': on a cluster, workers go only "
+                         "to nodes that offer them (cluster.yaml's node types)")
+
+
 def setup_logging(verbose: bool = False) -> None:
     logging.basicConfig(
         level=logging.DEBUG if verbose else logging.INFO,

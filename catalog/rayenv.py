@@ -153,6 +153,16 @@ def filter_stderr() -> bool:
     return True
 
 
+def _job_runtime_env() -> dict:
+    """The runtime env of the Ray job this driver runs as (`ray job submit`), or {}."""
+    import json
+
+    try:
+        return json.loads(os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR", "{}")).get("runtime_env") or {}
+    except (ValueError, AttributeError):
+        return {}
+
+
 def ensure_ray(num_cpus: int | None = None) -> bool:
     """Start a local Ray (or attach to RAY_ADDRESS) unless one is up; True if this call started it."""
     import ray
@@ -162,6 +172,12 @@ def ensure_ray(num_cpus: int | None = None) -> bool:
     quiet_env()
     env = {"PYTHONPATH": os.pathsep.join(filter(None, [PROJECT_ROOT, os.environ.get("PYTHONPATH")]))}
     env.update({k: os.environ[k] for k in PASSED_ENV if k in os.environ})
+    # a `ray job submit` driver: the job's runtime env (working dir, the variables given with --runtime-env-json)
+    # already reaches every worker, and Ray refuses a second value for a key it sets: pass only the others
+    job_env = _job_runtime_env()
+    env = {k: v for k, v in env.items() if k not in job_env.get("env_vars", {})}
+    if "working_dir" in job_env:
+        env.pop("PYTHONPATH", None)  # the job's working dir is the project, on every worker's path
     runtime_env = {"env_vars": env, "worker_process_setup_hook": "catalog.rayenv.quiet_worker_logs"}
     if os.environ.get("RAY_ADDRESS"):
         ray.init(runtime_env=runtime_env, log_to_driver=True)

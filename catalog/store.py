@@ -174,6 +174,17 @@ def _write_table(fs: pafs.FileSystem, path: str, table: pa.Table) -> None:
     fs.move(tmp, path)
 
 
+def _ray_node() -> str | None:
+    """The Ray node this process runs on (where a shard was written), or None outside Ray."""
+    import sys
+
+    if "ray" not in sys.modules:
+        return None
+    import ray
+
+    return ray.get_runtime_context().get_node_id() if ray.is_initialized() else None
+
+
 def crawl_stamp() -> str:
     """The time a crawl started, the first part of its shard ids: a later crawl's shards sort after."""
     return time.strftime("%Y%m%dT%H%M%S", time.gmtime())
@@ -272,6 +283,7 @@ class Shard:
             "tokens": sum(m.get("n_tokens") or 0 for m in self.rows["models"]),
             "bytes": sum(m.get("total_bytes") or 0 for m in self.rows["models"]),
             "seconds": round(time.time() - self.t0, 3),
+            "node": _ray_node(),
         }
         fs.create_dir(f"{cat.root}/_stats", recursive=True)
         atomic_write(fs, f"{cat.root}/_stats/{self.id}.json", json.dumps(stats).encode())

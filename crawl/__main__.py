@@ -9,7 +9,7 @@ import sys
 from collections.abc import Sequence
 
 from catalog import tokenize as tk
-from catalog.cli import Parser, run, setup_logging
+from catalog.cli import WORKER_RESOURCES_HELP, Parser, resources_arg, run, setup_logging
 from catalog.errors import WildzooError
 from catalog.safetensors_io import is_float_dtype
 from catalog.schema import CatalogSpec
@@ -30,6 +30,7 @@ def _common(p) -> None:
                    help="storage type of token values (float32, exact, by default)")
     p.add_argument("--workers", type=int, default=None, help="parallel crawl workers (default: one per CPU)")
     p.add_argument("--batch-size", type=int, default=None, help="models per work unit (default: per source)")
+    p.add_argument("--worker-resources", type=resources_arg, metavar="JSON", help=WORKER_RESOURCES_HELP % "crawler")
     p.add_argument("--retry-errors", action="store_true", help="crawl again the models that failed before")
     p.add_argument("--no-ray", action="store_true", help="run in this process without Ray (debugging)")
     p.add_argument("-v", "--verbose", action="store_true")
@@ -165,7 +166,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         raise WildzooError("--batch-size and --workers must be at least 1")
     catalog = open_catalog(args, rows)
     summary = pipeline.crawl(tasks.make_tasks(rows), catalog, options, workers=args.workers, batch_size=batch,
-                             retry_errors=args.retry_errors, use_ray=not args.no_ray)
+                             retry_errors=args.retry_errors, use_ray=not args.no_ray, resources=args.worker_resources)
     print_summary(summary)
     return 0
 

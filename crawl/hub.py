@@ -662,7 +662,7 @@ def main(args) -> int:
         batch = args.batch_size or (64 if opts.header_only else 8)
         summary = pipeline.crawl(tasks.make_tasks(rows), catalog, replace(opts, coordinator=name).to_options(),
                                  workers=args.workers, batch_size=batch, retry_errors=args.retry_errors,
-                                 use_ray=use_ray)
+                                 use_ray=use_ray, resources=args.worker_resources)
         sweep_downloads(opts.download_dir, catalog.done())
         print_summary(summary)
         _print_requests(coord.stats(), len(rows))

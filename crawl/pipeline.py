@@ -31,10 +31,12 @@ def crawl(
     retry_errors: bool = False,
     use_ray: bool = True,
     worker: type[CrawlWorker] = CrawlWorker,
+    resources: dict[str, float] | None = None,
 ) -> dict:
     """Crawl `tasks` into `catalog`; returns a summary (counts by status, failures with reasons).
 
-    `worker` is the callable class the actors run (a subclass in the fault tests)."""
+    `worker` is the callable class the actors run (a subclass in the fault tests); `resources`, custom Ray
+    resources each actor needs (a cluster's crawler nodes)."""
     t0 = time.time()
     stamp = crawl_stamp()
     options = options or {}
@@ -46,7 +48,7 @@ def crawl(
     log.info("%d model(s) to crawl, %d already in the catalog", todo.num_rows, skipped_done)
     results = []
     if todo.num_rows and use_ray:
-        results = _run_ray(todo, catalog, options, workers, batch_size, stamp, worker)
+        results = _run_ray(todo, catalog, options, workers, batch_size, stamp, worker, resources or {})
     elif todo.num_rows:
         crawler = worker(catalog.uri, options, stamp)
         progress = Progress(todo.num_rows)
@@ -68,7 +70,7 @@ def crawl(
 
 
 def _run_ray(todo: pa.Table, catalog: Catalog, options: dict, workers: int | None, batch_size: int, stamp: str,
-             worker: type[CrawlWorker]) -> list[pa.Table]:
+             worker: type[CrawlWorker], resources: dict[str, float]) -> list[pa.Table]:
     import ray
     from ray.data import ActorPoolStrategy, DataContext
 
@@ -87,6 +89,7 @@ def _run_ray(todo: pa.Table, catalog: Catalog, options: dict, workers: int | Non
             batch_format="pyarrow",
             compute=ActorPoolStrategy(min_size=1, max_size=n),
             num_cpus=1,
+            **({"resources": resources} if resources else {}),
         )
         results, progress = [], Progress(todo.num_rows, t0)
         for batch in ds.iter_batches(batch_format="pyarrow", batch_size=None):

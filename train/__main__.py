@@ -13,7 +13,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from catalog.cli import Parser, run, setup_logging
+from catalog.cli import WORKER_RESOURCES_HELP, Parser, resources_arg, run, setup_logging
 from catalog.errors import WildzooError
 from catalog.store import Catalog
 
@@ -49,6 +49,7 @@ def build_parser() -> Parser:
     p.add_argument("--cpus-per-worker", type=int, help="CPUs (threads) per worker (default 1)")
     p.add_argument("--data-cpus", type=float, help="CPUs Ray Data gets for cutting windows, beside the workers' "
                    "(default 1)")
+    p.add_argument("--worker-resources", type=resources_arg, metavar="JSON", help=WORKER_RESOURCES_HELP % "trainer")
     p.add_argument("-v", "--verbose", action="store_true")
     p = sub.add_parser(
         "embed",
@@ -185,6 +186,8 @@ def fit_command(args) -> int:
         cfg = TrainConfig.from_file(args.config, base=cfg)
     flags = {"epochs": args.epochs, "workers": args.workers, "gpus_per_worker": args.gpus_per_worker,
              "cpus_per_worker": args.cpus_per_worker, "data_cpus": args.data_cpus}
+    if args.worker_resources:
+        flags["worker_resources"] = args.worker_resources
     try:
         cfg = cfg.replace(**{k: v for k, v in flags.items() if v is not None})
     except ValueError as e:

@@ -59,6 +59,7 @@ class TrainConfig:
     workers: int = 1
     cpus_per_worker: int = 1
     gpus_per_worker: float = 0.0
+    worker_resources: dict[str, float] = field(default_factory=dict)  # custom Ray resources per worker (node types)
     max_failures: int = 3  # worker or node failures survived by restarting from the last checkpoint
     keep_checkpoints: int = 2
     amp: bool = True  # bfloat16 autocast, on CUDA only
@@ -71,6 +72,9 @@ class TrainConfig:
         checks = [
             (self.epochs >= 1, "epochs must be >= 1"),
             (self.batch_size >= 1, "batch_size must be >= 1"),
+            (all(isinstance(k, str) and k not in ("CPU", "GPU") and isinstance(v, (int, float)) and v > 0
+                 for k, v in self.worker_resources.items()),
+             "worker_resources must map custom resource names (not CPU or GPU) to amounts > 0"),
             (self.lr > 0, "lr must be > 0"),
             (self.weight_decay >= 0, "weight_decay must be >= 0"),
             (self.schedule in SCHEDULES, f"schedule must be one of {', '.join(SCHEDULES)}"),
@@ -180,7 +184,8 @@ class TrainConfig:
         return cls.from_dict(data, base, where=str(path))
 
 
-_TYPES: dict[str, tuple[type, ...]] = {"int": (int,), "float": (int, float), "bool": (bool,), "str": (str,)}
+_TYPES: dict[str, tuple[type, ...]] = {"int": (int,), "float": (int, float), "bool": (bool,), "str": (str,),
+                                       "dict[str, float]": (dict,)}
 
 
 def _checked(cls: type, data: dict[str, Any], where: str, skip: tuple[str, ...] = ()) -> dict[str, Any]:

@@ -194,6 +194,7 @@ def train_loop(config: dict[str, Any]) -> dict[str, Any]:
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         start_epoch, history = state["epoch"] + 1, list(state["history"])
+    log.info("rank %d of %d on node %s (%s)", rank, world, ray.get_runtime_context().get_node_id()[:12], device)
     if rank == 0 and start_epoch < cfg.epochs:
         log.info("rank 0 of %d on %s: %d windows/epoch in all, %d steps of %d per rank; %s parameters; epochs %d..%d",
                  world, device, config["windows_per_epoch"], steps_per_epoch, cfg.batch_size,
@@ -286,6 +287,9 @@ def _check_resources(cfg: TrainConfig) -> None:
     if need_gpu > have.get("GPU", 0):
         raise WildzooError(f"{cfg.workers} worker(s) × {cfg.gpus_per_worker:g} GPU need {need_gpu:g} GPUs; "
                            f"this Ray has {have.get('GPU', 0):g}")
+    missing = [k for k in cfg.worker_resources if k not in have]
+    if missing:
+        raise WildzooError(f"no node of this Ray offers the resource(s) {', '.join(missing)} the workers ask for")
     need_cpu = cfg.workers * cfg.cpus_per_worker + cfg.data_cpus
     if need_cpu > have.get("CPU", 0):
         raise WildzooError(f"{cfg.workers} worker(s) × {cfg.cpus_per_worker} CPU + {cfg.data_cpus:g} for the data "
@@ -390,7 +394,8 @@ def fit(catalog: str, out: str, cfg: TrainConfig) -> dict[str, Any]:
     try:
         _check_resources(cfg)
         run.write_meta(meta)
-        resources = {"CPU": cfg.cpus_per_worker, **({"GPU": cfg.gpus_per_worker} if cfg.gpus_per_worker else {})}
+        resources = {"CPU": cfg.cpus_per_worker, **({"GPU": cfg.gpus_per_worker} if cfg.gpus_per_worker else {}),
+                     **cfg.worker_resources}
         datasets, stream = training_streams(cat, cfg, train_refs, held, norm, archs)
         trainer = TorchTrainer(
             train_loop,
