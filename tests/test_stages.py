@@ -120,3 +120,22 @@ def test_the_stderr_filter_drops_the_drivers_own_core_worker_line_and_passes_eve
     assert p.returncode == 0, p.stderr
     assert "MapWorker" not in p.stderr
     assert "a real error" in p.stderr and "from python" in p.stderr and p.stderr.endswith("progress 50%")
+
+
+def test_worker_resources_are_custom_names_with_positive_amounts(capsys):
+    import argparse
+
+    from catalog.cli import resources_arg
+    from crawl.__main__ import cli as crawl_cli
+    from train.config import TrainConfig
+
+    assert resources_arg('{"crawler": 1}') == {"crawler": 1.0}
+    for bad in ('{"CPU": 1}', '{"crawler": 0}', '["crawler"]', '{"crawler": true}', "{crawler"):
+        with pytest.raises(argparse.ArgumentTypeError):
+            resources_arg(bad)
+    with pytest.raises(SystemExit) as e:  # argparse: one line on stderr, exit 2
+        crawl_cli(["zoo", "nowhere", "--catalog", "nowhere-cat", "--worker-resources", '{"GPU": 1}'])
+    assert e.value.code == 2 and "--worker-resources" in capsys.readouterr().err
+    with pytest.raises(ValueError):
+        TrainConfig(worker_resources={"GPU": 1.0})
+    assert TrainConfig.from_dict({"worker_resources": {"trainer": 1}}).worker_resources == {"trainer": 1}
