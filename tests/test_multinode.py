@@ -68,13 +68,13 @@ class Cluster:
         self.head = Node(["--head", "--port", str(self.port), "--dashboard-port", str(self.dashboard),
                           "--ray-client-server-port", str(_port()), *_agent_ports(),
                           "--include-dashboard", "true", "--num-cpus", "2", "--temp-dir", str(self.tmp),
-                          "--resources", json.dumps({"node_head": 1, "trainer": 1})], self.tmp / "head.log")
+                          "--resources", json.dumps({"node_head": 1, "trainer": 1, "crawler": 1})], self.tmp / "head.log")
         self.wait_nodes(1)
         self.b = self.start_b()
 
     def start_b(self) -> Node:
         node = Node(["--address", self.address, "--num-cpus", "2", *_agent_ports(),
-                     "--resources", json.dumps({"node_b": 1, "trainer": 1})], self.tmp / "node_b.log")
+                     "--resources", json.dumps({"node_b": 1, "trainer": 1, "crawler": 1})], self.tmp / "node_b.log")
         self.wait_nodes(2)
         return node
 
@@ -136,7 +136,9 @@ def _unique(cat: Path) -> tuple[int, int]:
 def test_a_crawl_spreads_over_both_nodes_and_losing_one_mid_crawl_loses_nothing(cluster, zoo_catalog, tmp_path):
     zoo, reference = zoo_catalog
     cat = tmp_path / "cat"
-    p = cluster.run("crawl", "zoo", str(zoo), "--catalog", str(cat), "--batch-size", "4")
+    # one `crawler` slot per node: the pool's second actor can only go to the other node
+    p = cluster.run("crawl", "zoo", str(zoo), "--catalog", str(cat), "--batch-size", "4", "--workers", "2", "--worker-resources",
+                    '{"crawler": 1}')
     assert p.returncode == 0, p.stderr[-3000:]
     assert "96 model(s) crawled (ok 96)" in p.stdout
     nodes = {json.loads(Path(f).read_text())["node"] for f in glob.glob(str(cat / "_stats" / "*.json"))}
