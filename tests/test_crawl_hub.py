@@ -390,9 +390,15 @@ def test_sigkill_at_random_moments_then_rerun(zoo, reference, tmp_path):
         args = [sys.executable, "-m", "crawl", "hub", "--endpoint", server.url, "--catalog", str(cat),
                 "--download-dir", str(tmp_path / "dl"), "--anonymous", "--token-size", str(TOKEN_SIZE), "--no-ray",
                 "--batch-size", "3", *LIMITS]
-        for _ in range(8):  # kill at random moments until a run gets to its end
+        def shards() -> int:
+            return len(list((cat / "models").glob("*.parquet")))
+
+        for _ in range(8):  # kill at random moments after each run's first commit, until a run gets to its end
+            before = shards()
             p = subprocess.Popen(args, env=env, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-            time.sleep(rng.uniform(0.8, 2.5))
+            while p.poll() is None and shards() <= before:  # observed progress, not a wall-clock moment
+                time.sleep(0.02)
+            time.sleep(rng.uniform(0.0, 0.6))
             if p.poll() is not None:
                 break
             kills.append(time.time())
