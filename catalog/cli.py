@@ -17,20 +17,24 @@ class Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
 
 
-def resources_arg(text: str) -> dict[str, float]:
-    """`--worker-resources JSON`: custom Ray resources (a node type's label, e.g. {"crawler": 1}) per worker."""
-    import json
-
-    try:
-        value = json.loads(text)
-    except ValueError as e:
-        raise argparse.ArgumentTypeError(f"not JSON: {e}") from None
+def custom_resources(value: object) -> dict[str, float]:
+    """Custom Ray resources per worker (a node type's label, e.g. {"crawler": 1}), checked; ValueError if not."""
     if not isinstance(value, dict) or not all(
             isinstance(k, str) and k not in ("CPU", "GPU") and isinstance(v, (int, float)) and not isinstance(v, bool)
             and v > 0 for k, v in value.items()):
-        raise argparse.ArgumentTypeError('expected a JSON object of custom resource names (not CPU or GPU) and '
-                                         'amounts > 0, e.g. \'{"crawler": 1}\'')
+        raise ValueError('worker resources must be a JSON object of custom resource names (not CPU or GPU) and '
+                         'amounts > 0, e.g. \'{"crawler": 1}\'')
     return {k: float(v) for k, v in value.items()}
+
+
+def resources_arg(text: str) -> dict[str, float]:
+    """`--worker-resources JSON` (`custom_resources`)."""
+    import json
+
+    try:
+        return custom_resources(json.loads(text))
+    except ValueError as e:  # json's errors are ValueErrors too
+        raise argparse.ArgumentTypeError(str(e)) from None
 
 
 WORKER_RESOURCES_HELP = ("custom Ray resources each worker needs, e.g. '{\"%s\": 1}': on a cluster, workers go only "

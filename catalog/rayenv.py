@@ -14,7 +14,8 @@ authentication (it stays enabled; only the notice is silenced), and Train V2's C
 same line of the driver's own C++ core worker for every Ray Data actor pool: Ray issue 53727, harmless
 here): the driver's printer of worker output drops exactly those lines (`_DRIVER_DROPPED`), and so does
 a filter on the driver's file descriptor 2 (C++ writes there directly), installed by `ensure_ray` after
-Ray's own processes have started and removed at exit; everything else passes. Ray Data logs a line per dataset
+Ray's own processes have started and removed at exit; everything else passes (one pattern for the
+notice, whatever the actor). Ray Data logs a line per dataset
 execution and a notice that progress bars are off: its console shows warnings only (`ray_data_logging.yaml`,
 through Ray Data's own RAY_DATA_LOGGING_CONFIG), its session log file keeps everything. Warnings and errors
 of every other kind still reach the driver.
@@ -34,8 +35,8 @@ _DROPPED = {
     "ray.train.v2._internal.execution.controller.placement_group_cleaner": ("Failed to query Ray Train Controller",),
 }
 # lines of worker output the driver prints: (every one of these substrings) -> dropped
-_DRIVER_DROPPED = (("core_worker.cc", "'PreemptionWatcher'", "has constructor arguments in the object store"),
-                   ("core_worker.cc", "'MapWorker(", "has constructor arguments in the object store"))
+# (Ray's C++ notice for any actor whose constructor arguments sit in the object store: Ray issue 53727)
+_DRIVER_DROPPED = (("core_worker.cc", "has constructor arguments in the object store and max_restarts > 0"),)
 _STDERR_FILTER: list = []
 _AUTH_NOTICE = "ray._private.authentication.authentication_token_setup"
 

@@ -15,7 +15,8 @@ os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 
 
-def _free_port() -> int:
+def free_port() -> int:
+    """A free TCP port on 127.0.0.1 (also for the multi-node tests' Ray ports)."""
     import socket
 
     with socket.socket() as s:
@@ -25,7 +26,7 @@ def _free_port() -> int:
 
 # Object storage in the tests is a real S3 server (moto, `s3_bucket`), reached only through the standard
 # variables a user sets for MinIO or R2. They are set before any Ray starts, so Ray's workers inherit them.
-S3_PORT = _free_port()
+S3_PORT = free_port()
 os.environ.update({"AWS_ENDPOINT_URL": f"http://127.0.0.1:{S3_PORT}", "AWS_ACCESS_KEY_ID": "wildzoo-test",
                    "AWS_SECRET_ACCESS_KEY": "wildzoo-test-secret", "AWS_REGION": "us-east-1"})
 

@@ -14,7 +14,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -22,6 +21,7 @@ import time
 from pathlib import Path
 
 import pytest
+from conftest import free_port
 
 from catalog.query import connect
 
@@ -30,16 +30,10 @@ RAY = shutil.which("ray", path=os.path.dirname(sys.executable)) or shutil.which(
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 
 
-def _port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _agent_ports() -> list[str]:
     """Ports of a node's own agents: the defaults (52365, …) are taken by the session's Ray on this machine."""
-    return ["--dashboard-agent-listen-port", str(_port()), "--dashboard-agent-grpc-port", str(_port()),
-            "--runtime-env-agent-port", str(_port()), "--metrics-export-port", str(_port())]
+    return ["--dashboard-agent-listen-port", str(free_port()), "--dashboard-agent-grpc-port", str(free_port()),
+            "--runtime-env-agent-port", str(free_port()), "--metrics-export-port", str(free_port())]
 
 
 class Node:
@@ -63,10 +57,10 @@ class Node:
 class Cluster:
     def __init__(self) -> None:
         self.tmp = Path(tempfile.mkdtemp(prefix="wzray", dir="/tmp"))  # short: Ray's socket paths must fit
-        self.port, self.dashboard = _port(), _port()
+        self.port, self.dashboard = free_port(), free_port()
         self.address = f"127.0.0.1:{self.port}"
         self.head = Node(["--head", "--port", str(self.port), "--dashboard-port", str(self.dashboard),
-                          "--ray-client-server-port", str(_port()), *_agent_ports(),
+                          "--ray-client-server-port", str(free_port()), *_agent_ports(),
                           "--include-dashboard", "true", "--num-cpus", "2", "--temp-dir", str(self.tmp),
                           "--resources", json.dumps({"node_head": 1, "trainer": 1, "crawler": 1})], self.tmp / "head.log")
         self.wait_nodes(1)

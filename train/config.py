@@ -18,6 +18,7 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+from catalog.cli import custom_resources
 from catalog.errors import WildzooError
 from train.losses import LOSS_NORMS, LossConfig
 from train.model import ModelConfig
@@ -69,12 +70,10 @@ class TrainConfig:
     shuffle_windows: int = 0  # windows in each worker's local shuffle buffer (0: 8 × batch_size)
 
     def __post_init__(self) -> None:
+        custom_resources(self.worker_resources)  # ValueError, like the checks below
         checks = [
             (self.epochs >= 1, "epochs must be >= 1"),
             (self.batch_size >= 1, "batch_size must be >= 1"),
-            (all(isinstance(k, str) and k not in ("CPU", "GPU") and isinstance(v, (int, float)) and v > 0
-                 for k, v in self.worker_resources.items()),
-             "worker_resources must map custom resource names (not CPU or GPU) to amounts > 0"),
             (self.lr > 0, "lr must be > 0"),
             (self.weight_decay >= 0, "weight_decay must be >= 0"),
             (self.schedule in SCHEDULES, f"schedule must be one of {', '.join(SCHEDULES)}"),
