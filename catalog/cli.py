@@ -67,14 +67,38 @@ def run(main: Callable[[Sequence[str] | None], int], argv: Sequence[str] | None 
         return 0
 
 
-def wildzoo_main() -> None:
-    """`wildzoo crawl|catalog|train|zoo ...`: the console script grouping the four entry points."""
+WILDZOO_USAGE = """usage: wildzoo {crawl,catalog,train,zoo} ...
+
+Neural-network weights as data: crawl models into a Parquet catalog, query it with SQL, train a backbone on it.
+
+commands (each is also `python -m <command>`; `wildzoo <command> --help` explains it):
+  zoo       train a lab zoo of small CNNs on scikit-learn's digits (Model Zoos layout)
+  crawl     crawl local folders, Model Zoos or the Hugging Face Hub into a catalog
+  catalog   ask a catalog: SQL, info
+  train     fit the weight-space backbone, embed, probe
+"""
+
+
+def wildzoo_main(argv: Sequence[str] | None = None) -> int:
+    """`wildzoo crawl|catalog|train|zoo ...`: the console script grouping the four entry points.
+
+    `--help` (or `-h`) prints the usage on stdout and exits 0; no command or an unknown one prints it on
+    stderr and exits 2."""
     import importlib
 
+    args = list(sys.argv[1:] if argv is None else argv)
     commands = ("crawl", "catalog", "train", "zoo")
-    if len(sys.argv) < 2 or sys.argv[1] not in commands:
-        print(f"usage: wildzoo {{{','.join(commands)}}} ...  (each is also `python -m <command>`)", file=sys.stderr)
-        sys.exit(2)
-    module = importlib.import_module(f"{sys.argv[1]}.__main__")
-    sys.argv = [f"wildzoo {sys.argv[1]}", *sys.argv[2:]]
-    sys.exit(module.cli())
+    if args and args[0] in ("-h", "--help"):
+        print(WILDZOO_USAGE, end="")
+        return 0
+    if not args or args[0] not in commands:
+        what = f"unknown command {args[0]!r}" if args else "a command is needed"
+        print(f"{WILDZOO_USAGE}wildzoo: error: {what}", file=sys.stderr)
+        return 2
+    module = importlib.import_module(f"{args[0]}.__main__")
+    return module.cli(args[1:])
+
+
+def wildzoo() -> None:
+    """The console script's entry (`[project.scripts]`)."""
+    sys.exit(wildzoo_main())

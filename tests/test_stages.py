@@ -139,3 +139,19 @@ def test_worker_resources_are_custom_names_with_positive_amounts(capsys):
     with pytest.raises(ValueError):
         TrainConfig(worker_resources={"GPU": 1.0})
     assert TrainConfig.from_dict({"worker_resources": {"trainer": 1}}).worker_resources == {"trainer": 1}
+
+
+def test_the_wildzoo_console_script_answers_help_on_stdout_and_rejects_unknown_commands():
+    import shutil
+    import subprocess
+    import sys
+
+    exe = shutil.which("wildzoo", path=os.path.dirname(sys.executable))
+    assert exe, "the wildzoo console script is installed with the package"
+    out = subprocess.run([exe, "--help"], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0 and out.stderr == ""
+    assert out.stdout.startswith("usage: wildzoo") and all(c in out.stdout for c in ("crawl", "catalog", "train", "zoo"))
+    bad = subprocess.run([exe, "crawls"], capture_output=True, text=True, timeout=60)
+    assert bad.returncode == 2 and bad.stdout == "" and "unknown command 'crawls'" in bad.stderr
+    sub = subprocess.run([exe, "catalog", "--help"], capture_output=True, text=True, timeout=60)
+    assert sub.returncode == 0 and sub.stdout.startswith("usage: python -m catalog")
