@@ -5,6 +5,10 @@ dataset that DuckDB scans directly (DuckDB's httpfs needs the internet to instal
 shard yet is an empty view with the right columns, so queries work on a fresh catalog; `embeddings`
 (written by `train embed`, not by crawls) is such a view until a backbone has embedded the catalog, and
 `behaviour` (fingerprints, `train behaviour`) until models of a known architecture have been run.
+
+`lineage` is a view over `models.base_model` (comma-separated repo ids: a merge has several bases): one row
+per (ancestor, descendant) repo pair with the shortest `depth` between them, transitively (a repo is never its
+own ancestor) — "all fine-tunes of X" is `SELECT descendant FROM lineage WHERE ancestor = 'X'`. A cycle in the metadata stops the walk.
 """
 
 from __future__ import annotations
@@ -41,4 +45,25 @@ def connect(catalog: Catalog | str, tables: tuple[str, ...] = TABLES + OPTIONAL_
         else:
             dataset = ds.dataset(files, schema=schema_for(table, cat.spec), format="parquet", filesystem=cat.fs)
             con.register(table, dataset)
+    if "models" in tables:
+        con.execute(LINEAGE)
     return con
+
+
+#: The model graph from the catalog itself (Model Atlas's), as a recursive CTE over base_model edges.
+LINEAGE = """
+CREATE VIEW lineage AS
+WITH RECURSIVE edges AS (
+    SELECT DISTINCT trim(b.base) AS parent, repo_id AS child
+    FROM models, unnest(string_split(base_model, ',')) AS b(base)
+    WHERE base_model IS NOT NULL AND repo_id IS NOT NULL AND trim(b.base) <> '' AND trim(b.base) <> repo_id
+),
+walk(ancestor, descendant, depth, path) AS (
+    SELECT parent, child, 1, [parent, child] FROM edges
+    UNION ALL
+    SELECT w.ancestor, e.child, w.depth + 1, list_append(w.path, e.child)
+    FROM walk w JOIN edges e ON e.parent = w.descendant
+    WHERE NOT list_contains(w.path, e.child) AND w.depth < 64
+)
+SELECT ancestor, descendant, min(depth) AS depth FROM walk GROUP BY ancestor, descendant
+"""
