@@ -221,7 +221,7 @@ def main() -> None:
     t = time.perf_counter()
     try:
         if use_ray:
-            from crawl.pipeline import ensure_ray
+            from catalog.rayenv import ensure_ray
 
             ensure_ray()
         with open(os.devnull, "w") as quiet:

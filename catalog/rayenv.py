@@ -23,8 +23,10 @@ of every other kind still reach the driver.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+from collections.abc import Iterator
 from pathlib import Path
 
 PROJECT_ROOT = str(Path(__file__).resolve().parent.parent)
@@ -162,6 +164,21 @@ def _job_runtime_env() -> dict:
         return json.loads(os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR", "{}")).get("runtime_env") or {}
     except (ValueError, AttributeError):
         return {}
+
+
+@contextlib.contextmanager
+def ray_session(min_cpus: int = 0) -> Iterator[bool]:
+    """Ray for one command (crawl, fit, embed): the Ray already up, the cluster at RAY_ADDRESS, or a local Ray of
+    one logical CPU per core and at least `min_cpus`, shut down at the end only if this call started it (never a
+    Ray someone else started). Yields whether it started one."""
+    started = ensure_ray(max(os.cpu_count() or 1, min_cpus))
+    try:
+        yield started
+    finally:
+        if started:
+            import ray
+
+            ray.shutdown()
 
 
 def ensure_ray(num_cpus: int | None = None) -> bool:

@@ -23,16 +23,13 @@ import logging
 import os
 import re
 import shutil
-import sys
 import time
-import uuid
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
 
 from catalog.errors import BadWeights, WildzooError
-from catalog.rayenv import ensure_ray
 from catalog.roles import natural_key
 from catalog.safetensors_io import (
     DTYPES,
@@ -44,17 +41,10 @@ from catalog.safetensors_io import (
 )
 from catalog.statedict import load_pickled
 from crawl import budget, hub_http
-from crawl.local import PICKLE_NAMES, PICKLE_SUFFIXES, Loaded, config_fields, config_properties
+from crawl.source import PICKLE_NAMES, PICKLE_SUFFIXES, Loaded, config_fields, config_properties
 
 log = logging.getLogger(__name__)
 
-DESCRIPTION = (
-    "Catalog Hugging Face Hub repos chosen by search, author, tags, pipeline tag or trained dataset. "
-    "One paged listing enumerates them; --header-only reads each safetensors header with an HTTP range "
-    "request (no weights); otherwise weight files are downloaded (resumably) and tokenized. Requests share "
-    "one budget per 5 minutes across all workers and are retried on 429/5xx/timeouts. HF_ENDPOINT and "
-    "HF_TOKEN are honoured; the token is never printed or stored. Rerun with the same --catalog to resume."
-)
 EXPAND = ["sha", "siblings", "safetensors", "config", "tags", "library_name", "pipeline_tag", "downloads",
           "likes", "cardData", "gated", "private", "disabled", "lastModified"]
 SORTS = ("downloads", "likes", "created_at", "last_modified", "trending_score")
@@ -503,101 +493,6 @@ def _download(ctx: _Context, kind: str):
     return SafetensorsModel.open(ctx.folder, names)
 
 
-# ------------------------------------------------------------------------------------------------------
-# The command
-# ------------------------------------------------------------------------------------------------------
-_UNITS = {"": 1, "K": 10**3, "M": 10**6, "G": 10**9, "B": 10**9, "T": 10**12}
-
-
-def parse_amount(text: str) -> int:
-    """'500', '2G', '1.5GB', '7B' (billions), '100M' -> an integer; argparse type for limits."""
-    import argparse
-
-    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGBT]?)(?:I?B)?\s*", text.upper())
-    if m is None:
-        raise argparse.ArgumentTypeError(f"not an amount: {text!r} (examples: 500, 2G, 1.5GB, 7B)")
-    return int(float(m.group(1)) * _UNITS[m.group(2)])
-
-
-def add_arguments(p) -> None:
-    """The `hub` subcommand's arguments (the common ones come from crawl/__main__.py)."""
-    from crawl.__main__ import _common
-
-    q = p.add_argument_group("which repos (one paged listing)")
-    q.add_argument("--search", help="substring of the repo id")
-    q.add_argument("--author", help="user or organization")
-    q.add_argument("--filter", action="append", default=[], metavar="TAG",
-                   help="tag the repo must carry, e.g. safetensors, transformers, image-classification (repeatable)")
-    q.add_argument("--pipeline-tag", help="task, e.g. text-classification")
-    q.add_argument("--dataset", action="append", default=[], metavar="NAME",
-                   help="dataset the model was trained on (its dataset:NAME tag; repeatable)")
-    q.add_argument("--sort", choices=SORTS, help="order of the listing (descending)")
-    q.add_argument("--limit", type=int, help="at most this many repos")
-    q.add_argument("--min-downloads", type=int, default=0, help="leave out repos with fewer downloads")
-    d = p.add_argument_group("what to read")
-    d.add_argument("--header-only", action="store_true",
-                   help="tensor names, shapes and dtypes from HTTP range reads of each header; no weights, no tokens")
-    d.add_argument("--allow-pickle", action="store_true",
-                   help="also read repos that only have pytorch_model.bin (torch.load(weights_only=True))")
-    d.add_argument("--max-bytes", type=parse_amount, metavar="N", help="skip models with more weight bytes (e.g. 2G)")
-    d.add_argument("--max-params", type=parse_amount, metavar="N", help="skip models with more parameters (e.g. 1B)")
-    d.add_argument("--download-dir", help="where weight files wait until their shard is committed "
-                   "(default ~/.cache/wildzoo/hub-downloads; a killed crawl resumes from it)")
-    d.add_argument("--header-window", type=int, default=HEADER_WINDOW, metavar="BYTES",
-                   help=f"bytes fetched with each header (default {HEADER_WINDOW:,}: one request for almost every "
-                   "file; 8 reads headers exactly with two requests)")
-    n = p.add_argument_group("the Hub and politeness")
-    n.add_argument("--endpoint", help="Hub URL (default: HF_ENDPOINT or https://huggingface.co)")
-    n.add_argument("--anonymous", action="store_true", help="send no token even if HF_TOKEN or a login is set")
-    n.add_argument("--requests-per-5min-api", type=int, default=ANONYMOUS_LIMITS["api"], metavar="N",
-                   help="API calls per 5 minutes, shared by all workers (default 500: anonymous limit)")
-    n.add_argument("--requests-per-5min-resolve", type=int, default=ANONYMOUS_LIMITS["resolve"], metavar="N",
-                   help="file requests per 5 minutes, shared by all workers (default 3000: anonymous limit)")
-    n.add_argument("--max-downloads", type=int, default=4, metavar="N", help="weight downloads in flight at once")
-    n.add_argument("--retries", type=int, default=8, metavar="N", help="tries per request (default 8)")
-    n.add_argument("--backoff", type=float, default=1.0, metavar="S", help="first back-off in seconds (doubles)")
-    n.add_argument("--timeout", type=float, default=60.0, metavar="S", help="seconds without data before a retry")
-    _common(p)
-
-
-def _endpoint(args) -> str:
-    from huggingface_hub import constants
-
-    url = (args.endpoint or os.environ.get("HF_ENDPOINT") or constants.ENDPOINT).rstrip("/")
-    if not re.match(r"^https?://[^/\s]+", url):
-        raise WildzooError(f"--endpoint must be an http(s) URL, got {url!r}")
-    return url
-
-
-def _default_download_dir(catalog_uri: str) -> str:
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    key = hashlib.sha1(os.path.abspath(catalog_uri).encode() if "://" not in catalog_uri else catalog_uri.encode())
-    return os.path.join(base, "wildzoo", "hub-downloads", key.hexdigest()[:12])
-
-
-def options_from_args(args) -> tuple[Query, HubOptions, dict[str, int]]:
-    """Validated query, worker options and budget from the command line (one-line errors)."""
-    for flag, value in (("--limit", args.limit), ("--max-downloads", args.max_downloads),
-                        ("--retries", args.retries), ("--requests-per-5min-api", args.requests_per_5min_api),
-                        ("--requests-per-5min-resolve", args.requests_per_5min_resolve),
-                        ("--header-window", args.header_window), ("--batch-size", args.batch_size),
-                        ("--workers", args.workers)):
-        if value is not None and value < 1:
-            raise WildzooError(f"{flag} must be at least 1")
-    if args.min_downloads < 0 or args.backoff < 0 or args.timeout <= 0:
-        raise WildzooError("--min-downloads and --backoff must be >= 0 and --timeout > 0")
-    query = Query(args.search, args.author, tuple(args.filter), args.pipeline_tag, tuple(args.dataset), args.sort,
-                  args.limit, args.min_downloads)
-    opts = HubOptions(
-        endpoint=_endpoint(args), download_dir=os.path.abspath(args.download_dir or _default_download_dir(args.catalog)),
-        header_only=args.header_only, allow_pickle=args.allow_pickle, anonymous=args.anonymous,
-        max_bytes=args.max_bytes, max_params=args.max_params, header_window=max(8, args.header_window),
-        tries=args.retries, backoff_s=args.backoff, timeout_s=args.timeout,
-    )
-    per_window = {"api": args.requests_per_5min_api, "resolve": args.requests_per_5min_resolve}
-    return query, opts, per_window
-
-
 def enumerate_repos(query: Query, opts: HubOptions) -> list[dict]:
     """The listing, retried as a whole at most once (huggingface_hub already retries each page 5 times)."""
     from huggingface_hub.errors import HfHubHTTPError
@@ -635,52 +530,3 @@ def sweep_downloads(download_dir: str, done: dict[str, str]) -> int:
                 remove_folder(rev)
                 removed += 1
     return removed
-
-
-def main(args) -> int:
-    """`python -m crawl hub`: list, crawl on Ray (or in this process with --no-ray), summarize."""
-    from crawl import pipeline, tasks
-    from crawl.__main__ import open_catalog, print_summary
-
-    query, opts, per_window = options_from_args(args)
-    if not args.verbose:
-        logging.getLogger("httpx2").setLevel(logging.WARNING)  # one INFO line per request otherwise
-    catalog = open_catalog(args)
-    use_ray = not args.no_ray
-    started = ensure_ray() if use_ray else False
-    name = f"wildzoo-hub-{uuid.uuid4().hex[:12]}"
-    try:
-        coord = budget.start(name, per_window, args.max_downloads, use_ray)
-        hub_http.install(coord, opts.endpoint, opts.timeout_s)
-        coord.seed(existing_hashes(catalog))
-        t0 = time.time()
-        rows = enumerate_repos(query, opts)
-        if not rows:
-            raise WildzooError(f"no models on {opts.endpoint} match {query.describe()}")
-        log.info("listed %d repos in %.1fs (%d API requests)", len(rows), time.time() - t0,
-                 coord.stats()["requests"]["api"])
-        batch = args.batch_size or (64 if opts.header_only else 8)
-        summary = pipeline.crawl(tasks.make_tasks(rows), catalog, replace(opts, coordinator=name).to_options(),
-                                 workers=args.workers, batch_size=batch, retry_errors=args.retry_errors,
-                                 use_ray=use_ray, resources=args.worker_resources)
-        sweep_downloads(opts.download_dir, catalog.done())
-        print_summary(summary)
-        _print_requests(coord.stats(), len(rows))
-    finally:
-        hub_http.uninstall()
-        budget.stop(name)
-        if started:
-            import ray
-
-            ray.shutdown()
-    return 0
-
-
-def _print_requests(stats: dict, listed: int, out=None) -> None:
-    """The Hub's side of the summary: requests by kind (every worker's), bytes, rate limiting."""
-    out = out or sys.stdout
-    req = stats["requests"]
-    per = (req["api"] + req["resolve"]) / max(1, listed)
-    print(f"hub: {listed} repos listed; {req['api']} API + {req['resolve']} file requests ({per:.2f} per repo), "
-          f"{stats['bytes_downloaded'] / 1e6:,.1f} MB downloaded, {stats['rate_limited']} rate-limit answer(s), "
-          f"{stats['waited_s']:.0f}s waited for the budget", file=out)

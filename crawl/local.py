@@ -10,17 +10,15 @@ from __future__ import annotations
 import json
 import logging
 import os
-from dataclasses import dataclass, field
 from pathlib import Path
 
 from catalog.errors import BadWeights, WildzooError
 from catalog.safetensors_io import SafetensorsModel
 from catalog.statedict import load_pickled
+from crawl.source import PICKLE_NAMES, PICKLE_SUFFIXES, Loaded, config_fields, config_properties
 
 log = logging.getLogger(__name__)
 
-PICKLE_NAMES = ("pytorch_model.bin", "model.pt", "model.pth", "checkpoint.pt")
-PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")
 MAX_CONFIG_BYTES = 16 << 20  # config.json larger than this is not a model config
 
 
@@ -113,39 +111,6 @@ def read_config(folder: Path) -> dict:
     except OSError as e:
         raise BadWeights(f"cannot read config.json: {e.strerror or e}") from None
     return cfg if isinstance(cfg, dict) else {}
-
-
-def config_fields(cfg: dict) -> dict:
-    """`models` columns that a transformers-style config.json tells."""
-    arch = cfg.get("architectures")
-    return {
-        "architecture": arch[0] if isinstance(arch, list) and arch and isinstance(arch[0], str) else None,
-        "model_type": cfg.get("model_type") if isinstance(cfg.get("model_type"), str) else None,
-    }
-
-
-def config_properties(model_id: str, cfg: dict) -> list[dict]:
-    """Scalar entries of config.json as properties named `config.<key>`."""
-    out = []
-    for k, v in cfg.items():
-        if isinstance(v, bool) or not isinstance(v, int | float | str) or k.startswith("_"):
-            continue
-        if isinstance(v, str):
-            out.append({"model_id": model_id, "name": f"config.{k}", "value": None, "text": v[:200]})
-        else:
-            out.append({"model_id": model_id, "name": f"config.{k}", "value": float(v), "text": None})
-    return out
-
-
-@dataclass
-class Loaded:
-    """What a source hands the catalog for one model."""
-
-    model: dict
-    weights: object | None = None
-    properties: list[dict] = field(default_factory=list)
-    status: str = "ok"
-    error: str | None = None
 
 
 def load(task: dict, allow_pickle: bool = False) -> Loaded:

@@ -14,7 +14,7 @@ from collections import Counter
 
 import pyarrow as pa
 
-from catalog.rayenv import ensure_ray
+from catalog.rayenv import ray_session
 from catalog.store import Catalog, crawl_stamp
 from crawl.tasks import dedupe, skip_done
 from crawl.worker import CrawlWorker
@@ -74,8 +74,7 @@ def _run_ray(todo: pa.Table, catalog: Catalog, options: dict, workers: int | Non
     import ray
     from ray.data import ActorPoolStrategy, DataContext
 
-    started = ensure_ray()
-    try:
+    with ray_session():
         ctx = DataContext.get_current()
         ctx.enable_progress_bars = sys.stderr.isatty()
         n = workers or max(1, int(ray.available_resources().get("CPU", 1)))
@@ -96,9 +95,6 @@ def _run_ray(todo: pa.Table, catalog: Catalog, options: dict, workers: int | Non
             results.append(batch)
             progress.update(batch)
         return results
-    finally:
-        if started:
-            ray.shutdown()
 
 
 class Progress:

@@ -17,7 +17,7 @@ from pathlib import Path
 
 from catalog.errors import BadWeights, WildzooError
 from catalog.statedict import load_pickled
-from crawl.local import Loaded
+from crawl.source import Loaded
 
 CHECKPOINT = re.compile(r"^checkpoint_(\d+)$")
 METRICS = ("test_acc", "train_acc", "test_loss", "train_loss")

@@ -34,7 +34,7 @@ from test_crawl_local import _headers, expected_tokens
 
 from catalog.query import connect
 from catalog.reassemble import model_tensors
-from crawl import budget, hub, hub_http
+from crawl import budget, cli, hub, hub_http
 from crawl.__main__ import cli as crawl_cli
 
 import modelfactory
@@ -501,7 +501,7 @@ def test_pick_weight_files():
     assert pick(["unet/diffusion_pytorch_model.safetensors"])[0] == "none"
     assert "subfolders (unet/)" in pick(["unet/diffusion_pytorch_model.safetensors"])[2]
     assert pick(["adapter_model.safetensors", "README.md"])[1] == ["adapter_model.safetensors"]
-    assert hub.parse_amount("1.5GB") == 1_500_000_000 and hub.parse_amount("7B") == 7 * 10**9
+    assert cli.parse_amount("1.5GB") == 1_500_000_000 and cli.parse_amount("7B") == 7 * 10**9
     assert hub.content_hash(["b" * 64, "a" * 64]) == hub.content_hash(["a" * 64, "b" * 64])
     assert hub.content_hash(["a" * 64, None]) is None
 

@@ -174,7 +174,7 @@ def embed_stream(cat: Catalog, run_uri: str, refs: list[ModelRef], d_latent: int
 def embed(catalog: str | Catalog, run_uri: str, batch_size: int = 256, actors: int = 0) -> dict[str, Any]:
     """Embed every ok model of `catalog` with the backbone in `run_uri` (a Ray Data job on the running Ray, or
     on a local one started for it); returns a summary."""
-    from train.fit import ensure_ray
+    from catalog.rayenv import ray_session
 
     t0 = time.time()
     cat = catalog if isinstance(catalog, Catalog) else Catalog.open(catalog)
@@ -186,14 +186,8 @@ def embed(catalog: str | Catalog, run_uri: str, batch_size: int = 256, actors: i
     refs = list_models(cat)
     if not refs:
         raise WildzooError(f"catalog {cat.uri} has no ok models with tokens to embed")
-    started = ensure_ray(max(1, actors))
-    try:
+    with ray_session(actors):
         emb, emb_mean = embed_stream(cat, run.uri, refs, model.cfg.d_latent, batch_size, actors)
-    finally:
-        if started:
-            import ray
-
-            ray.shutdown()
     now = dt.datetime.now(dt.timezone.utc)
     table = pa.table({
         "model_id": [r.model_id for r in refs],

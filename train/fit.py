@@ -32,6 +32,7 @@ import numpy as np
 import torch
 
 from catalog.errors import WildzooError
+from catalog.rayenv import ray_session
 from catalog.store import Catalog
 from train.behaviour import model_archs, reconstruction_report
 from train.config import TrainConfig
@@ -269,13 +270,6 @@ def train_loop(config: dict[str, Any]) -> dict[str, Any]:
     return {"start_epoch": start_epoch, "history": history}
 
 
-def ensure_ray(cpus: int) -> bool:
-    """Start a local Ray of at least `cpus` logical CPUs (or attach to RAY_ADDRESS) unless one is up; True if started."""
-    from catalog.rayenv import ensure_ray as start
-
-    return start(max(os.cpu_count() or 1, cpus))
-
-
 def _check_resources(cfg: TrainConfig) -> None:
     """Fail fast where a local Ray cannot ever place the workers (an autoscaling cluster may grow)."""
     import ray
@@ -390,8 +384,7 @@ def fit(catalog: str, out: str, cfg: TrainConfig) -> dict[str, Any]:
              meta["run_id"], cat.uri, len(train_refs), split["train_groups"], len(held), cfg.workers)
     # logical CPUs: a worker is a slot, not a core (on 2 cores, 2 workers of 2 threads still run); Ray Data's
     # window tasks get slots of their own on top (train/stream.py: otherwise no read task ever starts)
-    started = ensure_ray(cfg.workers * cfg.cpus_per_worker + math.ceil(cfg.data_cpus))
-    try:
+    with ray_session(cfg.workers * cfg.cpus_per_worker + math.ceil(cfg.data_cpus)):
         _check_resources(cfg)
         run.write_meta(meta)
         resources = {"CPU": cfg.cpus_per_worker, **({"GPU": cfg.gpus_per_worker} if cfg.gpus_per_worker else {}),
@@ -416,11 +409,6 @@ def fit(catalog: str, out: str, cfg: TrainConfig) -> dict[str, Any]:
         except TrainingFailedError as e:
             cause = str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__
             raise WildzooError(f"training failed: {cause} (worker logs above; rerun to resume)") from e
-    finally:
-        if started:
-            import ray
-
-            ray.shutdown()
     returned = result.return_value or {}
     if result.checkpoint is None:
         raise WildzooError(f"the fit of {run.uri} ended without a checkpoint")

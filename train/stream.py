@@ -21,7 +21,7 @@ same number of windows and, with `drop_last`, takes the same number of steps.
 Resource accounting (the 2-core deadlock, understood): Ray Train's workers hold their CPU slots for the
 whole fit; Ray Data's tasks need slots of their own. On a Ray with `num_cpus` equal to the workers' CPUs,
 no slot is ever free, so no read task starts and the first `iter_torch_batches` waits forever.
-`data_cpus` slots are therefore added to the local Ray (`train.fit.ensure_ray`) and given to Ray Data
+`data_cpus` slots are therefore added to the local Ray (`catalog.rayenv.ray_session`) and given to Ray Data
 as its resource limit (`DataConfig(execution_options=…)`), so Data and Train cannot starve each other.
 """
 
