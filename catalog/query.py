@@ -6,6 +6,9 @@ shard yet is an empty view with the right columns, so queries work on a fresh ca
 (written by `train embed`, not by crawls) is such a view until a backbone has embedded the catalog, and
 `behaviour` (fingerprints, `train behaviour`) until models of a known architecture have been run.
 
+`models` shows each model's current row: a model re-crawled (`--retry-errors`) or re-pointed to a better
+copy of its weights has several rows, and the one crawled last stands (`Catalog.current_models`).
+
 `lineage` is a view over `models.base_model` (comma-separated repo ids: a merge has several bases): one row
 per (ancestor, descendant) repo pair with the shortest `depth` between them, transitively (a repo is never its
 own ancestor) — "all fine-tunes of X" is `SELECT descendant FROM lineage WHERE ancestor = 'X'`. A cycle in the metadata stops the walk.
@@ -41,14 +44,25 @@ def connect(catalog: Catalog | str, tables: tuple[str, ...] = TABLES + OPTIONAL_
             continue
         if local:
             listing = ", ".join(_sql_str(f) for f in files)
-            con.execute(f"CREATE VIEW {table} AS SELECT * FROM read_parquet([{listing}], union_by_name = true)")
+            if table == "models":
+                con.execute(f"CREATE VIEW models AS SELECT * EXCLUDE (filename) FROM read_parquet([{listing}], "
+                            f"union_by_name = true, filename = true) {CURRENT_ROW.format(tie=', filename DESC')}")
+            else:
+                con.execute(f"CREATE VIEW {table} AS SELECT * FROM read_parquet([{listing}], union_by_name = true)")
         else:
             dataset = ds.dataset(files, schema=schema_for(table, cat.spec), format="parquet", filesystem=cat.fs)
-            con.register(table, dataset)
+            if table == "models":
+                con.register("_models_rows", dataset)
+                con.execute(f"CREATE VIEW models AS SELECT * FROM _models_rows {CURRENT_ROW.format(tie='')}")
+            else:
+                con.register(table, dataset)
     if "models" in tables:
         con.execute(LINEAGE)
     return con
 
+
+#: One row per model in the `models` view: its current row (`catalog.store.Catalog.current_models`'s rule).
+CURRENT_ROW = "QUALIFY row_number() OVER (PARTITION BY model_id ORDER BY crawled_at DESC NULLS LAST{tie}) = 1"
 
 #: The model graph from the catalog itself (Model Atlas's), as a recursive CTE over base_model edges.
 LINEAGE = """

@@ -15,7 +15,9 @@ import uuid
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
 
+import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
@@ -120,13 +122,37 @@ class Catalog:
     def shard_ids(self, table: str) -> set[str]:
         return {p.rsplit("/", 1)[1][: -len(".parquet")] for p in self.files(table)}
 
+    def current_models(self, columns: Iterable[str] = ("model_id", "status")) -> pa.Table:
+        """The current `models` row of every model: `columns` and `shard` (the shard the row is in).
+
+        A model may have several rows: a later crawl replaces an error (`--retry-errors`), a duplicate's
+        row is re-pointed to a better copy. The current row is the one crawled last (`crawled_at`; on a tie,
+        the later shard). Every reader of `models` goes through this rule (and the SQL view, catalog.query)."""
+        columns = list(dict.fromkeys(["model_id", *columns]))
+        read = list(dict.fromkeys([*columns, "crawled_at"]))
+        parts, shards = [], []
+        for i, path in enumerate(self.files("models")):
+            t = pq.read_table(path, columns=read, filesystem=self.fs)
+            parts.append(t.append_column("_file", pa.array(np.full(t.num_rows, i, np.int32))))
+            shards.append(path.rsplit("/", 1)[1][: -len(".parquet")])
+        if not parts:
+            schema = schema_for("models", self.spec)
+            return pa.table({**{c: pa.array([], schema.field(c).type) for c in columns}, "shard": pa.array([], pa.string())})
+        t = pa.concat_tables(parts)
+        t = t.take(pc.sort_indices(t, [("model_id", "ascending"), ("crawled_at", "descending"), ("_file", "descending")],
+                                   null_placement="at_end"))
+        ids = t.column("model_id").combine_chunks()
+        first = np.ones(t.num_rows, bool)
+        if t.num_rows > 1:
+            first[1:] = pc.not_equal(ids[1:], ids[:-1]).to_numpy(zero_copy_only=False)
+        t = t.filter(pa.array(first))
+        shard = pa.DictionaryArray.from_arrays(t.column("_file").combine_chunks(), pa.array(shards, pa.string()))
+        return t.select(columns).append_column("shard", shard)
+
     def done(self) -> dict[str, str]:
-        """{model_id: status} of every committed model."""
-        out: dict[str, str] = {}
-        for path in self.files("models"):
-            t = pq.read_table(path, columns=["model_id", "status"], filesystem=self.fs)
-            out.update(zip(t.column("model_id").to_pylist(), t.column("status").to_pylist(), strict=True))
-        return out
+        """{model_id: status} of every committed model (its current row)."""
+        t = self.current_models(("model_id", "status"))
+        return dict(zip(t.column("model_id").to_pylist(), t.column("status").to_pylist(), strict=True))
 
     def clean(self) -> int:
         """Remove temporary files and uncommitted shards left by a killed crawl; returns how many."""

@@ -508,14 +508,11 @@ def enumerate_repos(query: Query, opts: HubOptions) -> list[dict]:
 
 def existing_hashes(catalog) -> dict[str, str]:
     """content hash -> model_id of the models a catalog already holds weights of (for duplicate detection)."""
-    import pyarrow.parquet as pq
-
+    t = catalog.current_models(("model_id", "content_hash", "status"))
     out: dict[str, str] = {}
-    for path in catalog.files("models"):
-        t = pq.read_table(path, columns=["model_id", "content_hash", "status"], filesystem=catalog.fs)
-        for mid, h, s in zip(*(t.column(c).to_pylist() for c in ("model_id", "content_hash", "status")), strict=True):
-            if h and s in ("ok", "header_only"):
-                out.setdefault(h, mid)
+    for mid, h, s in zip(*(t.column(c).to_pylist() for c in ("model_id", "content_hash", "status")), strict=True):
+        if h and s in ("ok", "header_only"):
+            out.setdefault(h, mid)
     return out
 
 

@@ -35,3 +35,29 @@ def test_lineage_answers_all_fine_tunes_transitively_with_merges_cycles_and_revi
 def test_lineage_on_an_empty_catalog_is_empty(tmp_path):
     cat = Catalog.open(str(tmp_path / "c"), CatalogSpec(), create=True)
     assert connect(cat).execute("SELECT count(*) FROM lineage").fetchone() == (0,)
+
+
+def test_a_retried_model_has_one_current_row_everywhere(tmp_path):
+    """`--retry-errors` writes a second row for a model that failed: SQL, resume and training see the new one."""
+    import modelfactory
+
+    from crawl.cli import cli as crawl_cli
+    from train.data import list_models
+
+    src = tmp_path / "models"
+    modelfactory.cnn(src / "a")
+    (src / "b").mkdir(parents=True)
+    (src / "b" / "model.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json}      ")
+    cat_dir = str(tmp_path / "cat")
+    assert crawl_cli(["local", str(src), "--catalog", cat_dir, "--no-ray"]) == 0
+    cat = Catalog.open(cat_dir)
+    assert sorted(cat.done().values()) == ["error", "ok"]
+    modelfactory.cnn(src / "b", seed=5)  # repaired
+    assert crawl_cli(["local", str(src), "--catalog", cat_dir, "--no-ray", "--retry-errors"]) == 0
+    assert len(cat.files("models")) == 2  # the error row is still on disk, replaced
+    rows = connect(cat).execute("SELECT model_id, status FROM models ORDER BY 1").fetchall()
+    assert [s for _, s in rows] == ["ok", "ok"]
+    assert set(cat.done().values()) == {"ok"}
+    current = cat.current_models(("model_id", "status", "n_tokens"))
+    assert current.num_rows == 2 and all(n > 0 for n in current.column("n_tokens").to_pylist())
+    assert len(list_models(cat)) == 2

@@ -57,12 +57,9 @@ def list_models(cat: Catalog) -> list[ModelRef]:
     """Every `ok` model of the catalog that has tokens, sorted by model_id."""
     token_shards = cat.shard_ids("tokens")
     refs = []
-    for path in cat.files("models"):
-        shard = path.rsplit("/", 1)[1][: -len(".parquet")]
-        t = pq.read_table(path, columns=["model_id", "repo_id", "status", "n_tokens"], filesystem=cat.fs)
-        for row in t.to_pylist():
-            if row["status"] == "ok" and (row["n_tokens"] or 0) > 0 and shard in token_shards:
-                refs.append(ModelRef(row["model_id"], row["repo_id"] or row["model_id"], int(row["n_tokens"]), shard))
+    for row in cat.current_models(("model_id", "repo_id", "status", "n_tokens")).to_pylist():
+        if row["status"] == "ok" and (row["n_tokens"] or 0) > 0 and row["shard"] in token_shards:
+            refs.append(ModelRef(row["model_id"], row["repo_id"] or row["model_id"], int(row["n_tokens"]), row["shard"]))
     return sorted(refs, key=lambda r: r.model_id)
 
 
