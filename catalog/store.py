@@ -139,8 +139,9 @@ class Catalog:
             schema = schema_for("models", self.spec)
             return pa.table({**{c: pa.array([], schema.field(c).type) for c in columns}, "shard": pa.array([], pa.string())})
         t = pa.concat_tables(parts)
-        t = t.take(pc.sort_indices(t, [("model_id", "ascending"), ("crawled_at", "descending"), ("_file", "descending")],
-                                   null_placement="at_end"))
+        when = pc.fill_null(t.column("crawled_at"), pa.scalar(0, t.schema.field("crawled_at").type))  # unknown: oldest
+        key = pa.table({"model_id": t.column("model_id"), "when": when, "file": t.column("_file")})
+        t = t.take(pc.sort_indices(key, [("model_id", "ascending"), ("when", "descending"), ("file", "descending")]))
         ids = t.column("model_id").combine_chunks()
         first = np.ones(t.num_rows, bool)
         if t.num_rows > 1:
@@ -171,6 +172,44 @@ class Catalog:
         """A shard whose id is decided by its content (see `Shard`); `model_id` names its one model up front
         (a model streamed into a shard of its own)."""
         return Shard(self, stamp, settings, model_id)
+
+    def rewrite_shard(self, shard: str, updates: dict[str, dict], drop: set[str]) -> None:
+        """Update `models` rows of shard `shard` (model_id -> {column: new value}) and remove the `tensors` and
+        `tokens` rows of the models in `drop` (a copy re-pointed to another: its tokens are the other's).
+
+        Each file is replaced atomically, `models` first: a kill in between leaves rows no current model
+        points to, never a model without its rows. Tokens are filtered batch by batch (bounded memory); a
+        file left with no rows is deleted."""
+        fs, root = self.fs, self.root
+        path = f"{root}/models/{shard}.parquet"
+        models = pq.read_table(path, filesystem=fs)
+        current = models.to_pylist()
+        if any(m["model_id"] in updates for m in current):
+            new = [{**m, **updates.get(m["model_id"], {})} for m in current]
+            _write_table(fs, path, pa.Table.from_pylist(new, schema=schema_for("models", self.spec)))
+        if not drop:
+            return
+        keep = pa.array(sorted(drop), pa.string())
+        for table in ("tensors", "tokens"):
+            path = f"{root}/{table}/{shard}.parquet"
+            if fs.get_file_info(path).type != pafs.FileType.File:
+                continue
+            directory, name = path.rsplit("/", 1)
+            tmp, kept = f"{directory}/{TMP_PREFIX}{name}", 0
+            with fs.open_input_file(path) as src:
+                reader = pq.ParquetFile(src)
+                with fs.open_output_stream(tmp) as out, pq.ParquetWriter(out, reader.schema_arrow,
+                                                                          compression="zstd") as writer:
+                    for batch in reader.iter_batches(batch_size=1 << 14):
+                        part = batch.filter(pc.invert(pc.is_in(batch.column("model_id"), keep)))
+                        kept += part.num_rows
+                        if part.num_rows:
+                            writer.write_batch(part)
+            if kept:
+                fs.move(tmp, path)
+            else:
+                fs.delete_file(path)
+                fs.delete_file(tmp)
 
     def write_table(self, table: str, stem: str, data: pa.Table) -> str:
         """Write `<table>/<stem>.parquet` whole and atomically (temporary name, then rename); returns its path.

@@ -7,8 +7,11 @@ inside it: `reserve` answers how long to wait, and the caller sleeps.
 - Request budget: one token bucket per kind of request (`api`, `resolve`) holding the number allowed per
   window (the Hub counts per 5 minutes), refilled continuously. A 429 pauses every worker for that kind.
 - Download slots: at most `max_downloads` weight downloads in flight across all workers.
-- Content hashes: the first model to claim a hash is tokenized; a later one with the same hash is a
-  duplicate of it.
+- Content hashes: of the models with the same weight files, the one that ranks first (`canonical_rank`:
+  most downloads, then the smallest model id) is the canonical copy, whatever the order they arrive in.
+  A claim by a lower-ranked copy returns the holder (a duplicate of it); a claim by a higher-ranked one
+  takes the hash over. A holder that had already been tokenized is re-pointed after the crawl
+  (`crawl.hub.canonical_copies`), so the catalog does not depend on which worker got there first.
 """
 
 from __future__ import annotations
@@ -21,6 +24,12 @@ WINDOW_S = 300.0  # the Hub's rate-limit window
 KINDS = ("api", "resolve")
 LEASE_S = 1800.0  # a download slot whose holder vanished (killed worker) is freed after this long
 NAMESPACE = "wildzoo"
+
+
+def canonical_rank(downloads: int | None, model_id: str) -> tuple[int, str]:
+    """The order in which copies of the same weights are preferred: most downloads first, then the smallest
+    model id (`repo_id@revision`: the repo id, then the revision). Smaller ranks first."""
+    return (-(downloads or 0), model_id)
 
 
 @dataclass
@@ -58,7 +67,7 @@ class Coordinator:
         self.paused_until = dict.fromkeys(KINDS, 0.0)
         self.max_downloads = max(1, int(max_downloads))
         self.slots: dict[str, float] = {}
-        self.hashes: dict[str, str] = {}
+        self.hashes: dict[str, tuple[tuple, str]] = {}  # content hash -> (rank, model_id) of its holder
         self.counts = dict.fromkeys(KINDS, 0)
         self.waited_s = 0.0
         self.rate_limited = 0
@@ -99,23 +108,30 @@ class Coordinator:
         with self._lock:
             self.bytes_downloaded += int(nbytes)
 
-    def claim(self, content_hash: str, model_id: str) -> str | None:
-        """Register `model_id` as the holder of `content_hash`; returns the earlier holder if there is one."""
+    def claim(self, content_hash: str, model_id: str, downloads: int | None = None) -> str | None:
+        """Claim `content_hash` for `model_id`: None if it now holds it (first, or ranking before the holder),
+        else the holder's model id (this model is a duplicate of it)."""
+        rank = canonical_rank(downloads, model_id)
         with self._lock:
-            owner = self.hashes.setdefault(content_hash, model_id)
-            return None if owner == model_id else owner
+            held = self.hashes.get(content_hash)
+            if held is None or rank <= held[0]:
+                self.hashes[content_hash] = (rank, model_id)
+                return None
+            return held[1]
 
     def unclaim(self, content_hash: str, model_id: str) -> None:
         """Forget a claim whose model failed, so a later copy of the same weights is crawled instead."""
         with self._lock:
-            if self.hashes.get(content_hash) == model_id:
+            if self.hashes.get(content_hash, (None, None))[1] == model_id:
                 del self.hashes[content_hash]
 
-    def seed(self, claims: dict[str, str]) -> int:
-        """Claims of models already in the catalog (content hash -> model_id); returns how many are known."""
+    def seed(self, claims: dict[str, tuple[str, int | None]]) -> int:
+        """Holders already in the catalog (content hash -> (model_id, downloads)); returns how many are known."""
         with self._lock:
-            for h, m in claims.items():
-                self.hashes.setdefault(h, m)
+            for h, (m, downloads) in claims.items():
+                rank = canonical_rank(downloads, m)
+                if h not in self.hashes or rank < self.hashes[h][0]:
+                    self.hashes[h] = (rank, m)
             return len(self.hashes)
 
     def stats(self) -> dict:

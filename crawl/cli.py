@@ -32,6 +32,7 @@ from crawl.hub import (
     SORTS,
     HubOptions,
     Query,
+    canonical_copies,
     enumerate_repos,
     existing_hashes,
     sweep_downloads,
@@ -145,6 +146,20 @@ def open_catalog(args, rows: list[dict] | None = None) -> Catalog:
     return cat
 
 
+def repointed(summary: dict, changed: dict[str, tuple[str, str]]) -> None:
+    """Count the models this crawl tokenized and the canonical-copy pass then re-pointed as what they are now."""
+    by, statuses = summary["by_status"], summary.get("statuses", {})
+    summary["failures"] = [f for f in summary["failures"] if f[0] not in changed]
+    for mid, (_, reason) in sorted(changed.items()):
+        if mid in statuses:
+            by[statuses[mid]] -= 1
+            by["skipped"] = by.get("skipped", 0) + 1
+            statuses[mid] = "skipped"
+            summary["failures"].append((mid, "skipped", reason))
+    summary["by_status"] = {k: v for k, v in by.items() if v}
+    summary["repointed"] = len(changed)
+
+
 def print_summary(summary: dict, out=None) -> None:
     out = out or sys.stdout
     by = ", ".join(f"{k} {v}" for k, v in sorted(summary["by_status"].items())) or "nothing new"
@@ -154,6 +169,9 @@ def print_summary(summary: dict, out=None) -> None:
         f"→ {summary['catalog']}",
         file=out,
     )
+    if summary.get("repointed"):
+        print(f"  {summary['repointed']} copies of identical weights re-pointed to their canonical copy (most "
+              "downloads, then the smallest id)", file=out)
     fails = summary["failures"]
     for mid, status, reason in fails[:20]:
         print(f"  {status}: {mid}: {reason}", file=out)
@@ -331,6 +349,7 @@ def crawl_listed(args, catalog: Catalog, query: Query, opts: HubOptions, per_win
         summary = pipeline.crawl(tasks.make_tasks(rows), catalog, replace(opts, coordinator=name).to_options(),
                                  workers=args.workers, batch_size=batch, retry_errors=args.retry_errors,
                                  use_ray=use_ray, resources=args.worker_resources)
+        repointed(summary, canonical_copies(catalog))
         sweep_downloads(opts.download_dir, catalog.done())
         print_summary(summary)
         _print_requests(coord.stats(), len(rows))

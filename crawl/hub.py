@@ -41,6 +41,7 @@ from catalog.safetensors_io import (
 )
 from catalog.statedict import load_pickled
 from crawl import budget, hub_http
+from crawl.budget import canonical_rank
 from crawl.source import PICKLE_NAMES, PICKLE_SUFFIXES, Loaded, config_fields, config_properties
 
 log = logging.getLogger(__name__)
@@ -411,7 +412,7 @@ def _load(ctx: _Context, info: dict, model: dict, props: list[dict]) -> Loaded:
             weights, exact = None, None
         reason = _over_limits(opts, exact, model["total_bytes"])
         if reason is None and chash is not None and ctx.coordinator is not None:
-            duplicate = ctx.coordinator.claim(chash, task["model_id"])
+            duplicate = ctx.coordinator.claim(chash, task["model_id"], info.get("downloads"))
             claimed = None if duplicate is not None else chash
             if duplicate is not None:
                 reason = f"duplicate of {duplicate} (identical weight files)"
@@ -506,14 +507,51 @@ def enumerate_repos(query: Query, opts: HubOptions) -> list[dict]:
                            f"{f' ({message})' if message else ''}") from None
 
 
-def existing_hashes(catalog) -> dict[str, str]:
-    """content hash -> model_id of the models a catalog already holds weights of (for duplicate detection)."""
-    t = catalog.current_models(("model_id", "content_hash", "status"))
-    out: dict[str, str] = {}
-    for mid, h, s in zip(*(t.column(c).to_pylist() for c in ("model_id", "content_hash", "status")), strict=True):
-        if h and s in ("ok", "header_only"):
-            out.setdefault(h, mid)
+def existing_hashes(catalog) -> dict[str, tuple[str, int | None]]:
+    """content hash -> (model_id, downloads) of the canonical copy of each weights the catalog holds."""
+    t = catalog.current_models(("model_id", "content_hash", "status", "downloads"))
+    out: dict[str, tuple[str, int | None]] = {}
+    for mid, h, s, d in zip(*(t.column(c).to_pylist() for c in ("model_id", "content_hash", "status", "downloads")),
+                            strict=True):
+        if h and s in ("ok", "header_only") and (h not in out or canonical_rank(d, mid) < canonical_rank(*out[h][::-1])):
+            out[h] = (mid, d)
     return out
+
+
+def canonical_copies(catalog) -> dict[str, tuple[str, str]]:
+    """Re-point copies of the same weights to their canonical copy (`budget.canonical_rank`); returns the rows
+    changed: model_id -> (status before, reason now).
+
+    Within a crawl, a copy that ranks before the one already tokenized takes its hash over (`Coordinator.claim`),
+    and a later crawl may list a better copy of weights the catalog holds: then two copies hold tokens. This
+    pass, run after every hub crawl, keeps the first-ranked holder; every other holder becomes a `skipped`
+    duplicate of it (its tensors and tokens removed: they are the canonical copy's), and duplicates that
+    pointed to a former holder point to the canonical copy. Idempotent: a killed pass is finished by the next."""
+    t = catalog.current_models(("model_id", "source", "content_hash", "status", "duplicate_of", "downloads"))
+    groups: dict[str, list[dict]] = {}
+    for r in t.to_pylist():
+        if r["content_hash"] and r["source"] == "hub" and (r["status"] in ("ok", "header_only") or r["duplicate_of"]):
+            groups.setdefault(r["content_hash"], []).append(r)
+    changes: dict[str, dict[str, dict]] = {}  # shard -> model_id -> new row
+    drops: dict[str, set[str]] = {}
+    before: dict[str, str] = {}
+    for rows in groups.values():
+        holders = [r for r in rows if r["status"] in ("ok", "header_only")]
+        if not holders:
+            continue
+        best = min(holders, key=lambda r: canonical_rank(r["downloads"], r["model_id"]))["model_id"]
+        for r in rows:
+            if r["model_id"] == best or (r["status"] == "skipped" and r["duplicate_of"] == best):
+                continue
+            if r["status"] in ("ok", "header_only"):
+                drops.setdefault(r["shard"], set()).add(r["model_id"])
+            before[r["model_id"]] = r["status"]
+            changes.setdefault(r["shard"], {})[r["model_id"]] = {
+                "status": "skipped", "error": f"duplicate of {best} (identical weight files)", "duplicate_of": best,
+                "n_tensors": None, "n_tokens": None}
+    for shard in sorted(set(changes) | set(drops)):
+        catalog.rewrite_shard(shard, changes.get(shard, {}), drops.get(shard, set()))
+    return {m: (before[m], u["error"]) for c in changes.values() for m, u in c.items()}
 
 
 def sweep_downloads(download_dir: str, done: dict[str, str]) -> int:

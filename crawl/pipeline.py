@@ -65,6 +65,7 @@ def crawl(
         "tokens": sum(r["n_tokens"] or 0 for r in rows),
         "bytes": sum(r["total_bytes"] or 0 for r in rows),
         "failures": [(r["model_id"], r["status"], r["error"]) for r in rows if r["status"] in ("error", "skipped")],
+        "statuses": {r["model_id"]: r["status"] for r in rows},
         "seconds": round(time.time() - t0, 2),
     }
 

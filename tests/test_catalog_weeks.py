@@ -39,10 +39,10 @@ def test_lineage_on_an_empty_catalog_is_empty(tmp_path):
 
 def test_a_retried_model_has_one_current_row_everywhere(tmp_path):
     """`--retry-errors` writes a second row for a model that failed: SQL, resume and training see the new one."""
-    import modelfactory
-
     from crawl.cli import cli as crawl_cli
     from train.data import list_models
+
+    import modelfactory
 
     src = tmp_path / "models"
     modelfactory.cnn(src / "a")

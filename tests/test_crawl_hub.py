@@ -92,7 +92,7 @@ def build_zoo(root: Path, scratch: Path) -> Zoo:
         folder = modelfactory.sharded(scratch / repo, seed=200 + i)
         make_repo(root, repo, _files(folder), downloads=3, tags=["sharded"])
         expect[repo], folders[repo] = ("ok", ""), folder
-    for src in ("vision/cnn-00", "text/mlp-01"):  # byte-identical weights under another name
+    for src in ("tabular/cnn-05", "text/mlp-01"):  # byte-identical weights under another name, fewer downloads
         repo = "mirror/" + src.split("/")[1]
         make_repo(root, repo, {"model.safetensors": folders[src] / "model.safetensors"})
         expect[repo] = ("skipped", src)
@@ -170,15 +170,13 @@ def models(cat: Path) -> dict[str, dict]:
 
 
 def fingerprint(cat: Path) -> dict:
-    """The catalog's content, independent of which of two identical repos happened to be crawled first."""
+    """The catalog's content: the same whichever of two identical repos a worker happened to reach first."""
     con = connect(str(cat))
     rows = models(cat)
-    dup_hashes = {r["content_hash"] for r in rows.values() if isinstance(r["duplicate_of"], str)}
     out = {}
     for repo, r in rows.items():
-        twin = r["content_hash"] in dup_hashes
-        out[repo] = ("ok|duplicate" if twin else r["status"], None if twin else r["error"], r["n_params"],
-                     r["total_bytes"], r["content_hash"], r["architecture"], r["license"], r["model_id"])
+        out[repo] = (r["status"], r["error"], r["duplicate_of"], r["n_params"], r["total_bytes"], r["content_hash"],
+                     r["architecture"], r["license"], r["model_id"])
     key = "coalesce(m.content_hash, m.model_id)"
     tensors = con.execute(f"""SELECT {key}, t.tensor_idx, t.name, t.dtype, t.shape, t.role, t.mean, t.q50, t.token_start
                               FROM tensors t JOIN models m USING (model_id) ORDER BY ALL""").fetchall()
@@ -218,11 +216,13 @@ def test_full_crawl_catalogs_every_model_with_its_reason(zoo, reference):
     assert set(rows) == set(zoo.expect)
     assert f"crawl: {len(zoo.expect)} model(s) crawled (error 6, ok 38, skipped 14)" in out
     twins = {repo: src for repo, (_, src) in zoo.expect.items() if repo.startswith("mirror/")}
-    for repo, src in twins.items():  # identical weights: one of the two tokenized, the other points to it
-        pair = sorted([rows[repo], rows[src]], key=lambda r: r["status"])
+    for repo, src in twins.items():  # identical weights: the most downloaded tokenized, the mirror points to it
+        pair = [rows[src], rows[repo]]  # the mirror is listed first: a worker may well have tokenized it first
         assert [r["status"] for r in pair] == ["ok", "skipped"]
         assert pair[1]["duplicate_of"] == pair[0]["model_id"] and "duplicate of" in pair[1]["error"]
         assert pair[0]["content_hash"] == pair[1]["content_hash"] and pair[1]["n_tokens"] is None
+        assert connect(str(cat)).execute("SELECT count(*) FROM tokens WHERE model_id = ?", [pair[1]["model_id"]]
+                                         ).fetchone() == (0,)
     for repo, (status, reason) in zoo.expect.items():
         r = rows[repo]
         assert r["model_id"] == f"{repo}@{r['revision']}" and len(r["revision"]) == 40
@@ -331,6 +331,24 @@ def test_header_window_8_reads_exactly_the_headers(zoo, tmp_path):
         header_end = 8 + int.from_bytes(data[:8], "little")
         spans = sorted((_start(r), r["bytes_sent"]) for r in gets if r["path"] == path)
         assert spans == [(0, 8), (8, header_end - 8)], (path, spans)
+
+
+def test_the_same_hub_gives_the_same_catalog_whichever_copy_comes_first(zoo, reference, tmp_path):
+    """Copies of the same weights: the canonical one (most downloads, then the smallest id) is the `ok` row
+    whatever the order of arrival — one model per batch in listing order (the mirror is listed and tokenized
+    first), and a catalog that held only the mirrors before the originals were ever listed."""
+    with HubServer(zoo.root, page_size=25) as server:
+        rc, out, err = run_hub(server.url, tmp_path / "seq", *LIMITS, "--no-ray", "--batch-size", "1")
+        assert rc == 0, err
+        assert fingerprint(tmp_path / "seq") == fingerprint(reference[0])
+        assert "crawl: 58 model(s) crawled (error 6, ok 38, skipped 14)" in out
+        rc, out, err = run_hub(server.url, tmp_path / "weeks", *LIMITS, "--no-ray", "--search", "mirror")
+        assert rc == 0, err
+        assert {r["status"] for r in models(tmp_path / "weeks").values()} == {"ok"}  # no original listed yet
+        rc, out, err = run_hub(server.url, tmp_path / "weeks", *LIMITS, "--no-ray", "--batch-size", "8")
+        assert rc == 0, err
+    assert "2 already in the catalog" in out and "2 copies of identical weights re-pointed" in out
+    assert fingerprint(tmp_path / "weeks") == fingerprint(reference[0])  # the mirrors' tokens are gone too
 
 
 # ------------------------------------------------------------------------------------------------------
@@ -564,9 +582,13 @@ def test_budget_is_a_token_bucket_shared_by_its_callers():
     assert coord.acquire_download("a") and coord.acquire_download("b") and not coord.acquire_download("c")
     coord.release_download("a")
     assert coord.acquire_download("c")
-    assert coord.claim("h1", "m1") is None and coord.claim("h1", "m2") == "m1"
+    assert coord.claim("h1", "m1") is None and coord.claim("h1", "m2") == "m1"  # a tie on downloads: the smaller id
     coord.unclaim("h1", "m1")
     assert coord.claim("h1", "m2") is None
+    # copies of the same weights: the most downloaded holds the hash, whatever the order of arrival
+    assert coord.claim("h2", "b", 1) is None and coord.claim("h2", "a", 0) == "b"
+    assert coord.claim("h2", "c", 5) is None and coord.claim("h2", "b", 1) == "c"
+    assert coord.seed({"h2": ("z", 9), "h3": ("y", 0)}) == 3 and coord.claim("h2", "c", 5) == "z"
     assert coord.stats()["requests"] == {"api": 10, "resolve": 1}
 
 
