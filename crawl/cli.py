@@ -35,6 +35,7 @@ from crawl.hub import (
     canonical_copies,
     enumerate_repos,
     existing_hashes,
+    revisions,
     sweep_downloads,
 )
 
@@ -338,31 +339,38 @@ def crawl_listed(args, catalog: Catalog, query: Query, opts: HubOptions, per_win
     try:
         coord = budget.start(name, per_window, args.max_downloads, use_ray)
         hub_http.install(coord, opts.endpoint, opts.timeout_s)
-        coord.seed(existing_hashes(catalog))
+        t0 = time.time()
+        current = catalog.current_models(("model_id", "repo_id", "status", "content_hash", "downloads"))  # once
+        coord.seed(existing_hashes(current))
+        log.info("catalog read in %.1fs: %d models", time.time() - t0, current.num_rows)
         t0 = time.time()
         rows = enumerate_repos(query, opts)
         if not rows:
             raise WildzooError(f"no models on {opts.endpoint} match {query.describe()}")
         log.info("listed %d repos in %.1fs (%d API requests)", len(rows), time.time() - t0,
                  coord.stats()["requests"]["api"])
+        changed = revisions(rows, current)
+        done = dict(zip(current.column("model_id").to_pylist(), current.column("status").to_pylist(), strict=True))
+        del current
         batch = args.batch_size or (64 if opts.header_only else 8)
         summary = pipeline.crawl(tasks.make_tasks(rows), catalog, replace(opts, coordinator=name).to_options(),
                                  workers=args.workers, batch_size=batch, retry_errors=args.retry_errors,
-                                 use_ray=use_ray, resources=args.worker_resources)
+                                 use_ray=use_ray, resources=args.worker_resources, done=done)
         repointed(summary, canonical_copies(catalog))
         sweep_downloads(opts.download_dir, catalog.done())
         print_summary(summary)
-        _print_requests(coord.stats(), len(rows))
+        _print_requests(coord.stats(), len(rows), changed)
     finally:
         hub_http.uninstall()
         budget.stop(name)
 
 
-def _print_requests(stats: dict, listed: int, out=None) -> None:
+def _print_requests(stats: dict, listed: int, changed: dict[str, int], out=None) -> None:
     """The Hub's side of the summary: requests by kind (every worker's), bytes, rate limiting."""
     out = out or sys.stdout
     req = stats["requests"]
     per = (req["api"] + req["resolve"]) / max(1, listed)
-    print(f"hub: {listed} repos listed; {req['api']} API + {req['resolve']} file requests ({per:.2f} per repo), "
+    print(f"hub: {listed} repos listed ({changed['new']} new, {changed['updated']} updated: a new revision, "
+          f"{changed['unchanged']} unchanged); {req['api']} API + {req['resolve']} file requests ({per:.2f} per repo), "
           f"{stats['bytes_downloaded'] / 1e6:,.1f} MB downloaded, {stats['rate_limited']} rate-limit answer(s), "
           f"{stats['waited_s']:.0f}s waited for the budget", file=out)

@@ -507,14 +507,25 @@ def enumerate_repos(query: Query, opts: HubOptions) -> list[dict]:
                            f"{f' ({message})' if message else ''}") from None
 
 
-def existing_hashes(catalog) -> dict[str, tuple[str, int | None]]:
-    """content hash -> (model_id, downloads) of the canonical copy of each weights the catalog holds."""
-    t = catalog.current_models(("model_id", "content_hash", "status", "downloads"))
+def existing_hashes(current) -> dict[str, tuple[str, int | None]]:
+    """content hash -> (model_id, downloads) of the canonical copy of each weights a catalog holds, from its
+    current rows (`Catalog.current_models` with model_id, content_hash, status, downloads)."""
     out: dict[str, tuple[str, int | None]] = {}
-    for mid, h, s, d in zip(*(t.column(c).to_pylist() for c in ("model_id", "content_hash", "status", "downloads")),
+    for mid, h, s, d in zip(*(current.column(c).to_pylist() for c in ("model_id", "content_hash", "status", "downloads")),
                             strict=True):
         if h and s in ("ok", "header_only") and (h not in out or canonical_rank(d, mid) < canonical_rank(*out[h][::-1])):
             out[h] = (mid, d)
+    return out
+
+
+def revisions(listed: list[dict], current) -> dict[str, int]:
+    """How the listing compares with the catalog: repos `new` to it, `updated` (a revision it does not hold:
+    a new model row; the old revision's rows stay) and `unchanged` (this revision is in the catalog)."""
+    ids = set(current.column("model_id").to_pylist())
+    repos = set(current.column("repo_id").to_pylist())
+    out = {"new": 0, "updated": 0, "unchanged": 0}
+    for r in listed:
+        out["unchanged" if r["model_id"] in ids else "updated" if r["repo_id"] in repos else "new"] += 1
     return out
 
 

@@ -351,6 +351,28 @@ def test_the_same_hub_gives_the_same_catalog_whichever_copy_comes_first(zoo, ref
     assert fingerprint(tmp_path / "weeks") == fingerprint(reference[0])  # the mirrors' tokens are gone too
 
 
+def test_a_rerun_weeks_later_crawls_new_repos_and_new_revisions_and_keeps_the_old(tmp_path):
+    root, scratch = tmp_path / "hub", tmp_path / "scratch"
+    for i, repo in enumerate(("lab/a", "lab/b", "lab/c")):
+        make_repo(root, repo, _files(modelfactory.cnn(scratch / repo, seed=i)), downloads=10)
+    with HubServer(root) as server:
+        rc, out, err = run_hub(server.url, tmp_path / "cat", "--no-ray")
+        assert rc == 0, err
+        assert "3 repos listed (3 new, 0 updated: a new revision, 0 unchanged)" in out
+        old_b = models(tmp_path / "cat")["lab/b"]["model_id"]
+        make_repo(root, "lab/b", _files(modelfactory.cnn(scratch / "lab/b2", seed=7)), downloads=12)  # a new commit
+        make_repo(root, "lab/d", _files(modelfactory.cnn(scratch / "lab/d", seed=8)))
+        rc, out, err = run_hub(server.url, tmp_path / "cat", "--no-ray")
+        assert rc == 0, err
+    assert "4 repos listed (1 new, 1 updated: a new revision, 2 unchanged)" in out
+    assert "crawl: 2 model(s) crawled (ok 2), 2 already in the catalog" in out
+    con = connect(str(tmp_path / "cat"))
+    b = con.execute("SELECT model_id, status, downloads FROM models WHERE repo_id = 'lab/b' ORDER BY crawled_at").fetchall()
+    assert len(b) == 2 and b[0][0] == old_b and b[1][0] != old_b and [r[1] for r in b] == ["ok", "ok"]
+    assert [r[2] for r in b] == [10, 12]
+    assert con.execute("SELECT count(DISTINCT model_id) FROM tokens").fetchone() == (5,)
+
+
 # ------------------------------------------------------------------------------------------------------
 # Done when 3: 20% of requests answered 429 or 500 -> the same catalog
 # ------------------------------------------------------------------------------------------------------
