@@ -177,20 +177,12 @@ class Catalog:
         """Update `models` rows of shard `shard` (model_id -> {column: new value}) and remove the `tensors` and
         `tokens` rows of the models in `drop` (a copy re-pointed to another: its tokens are the other's).
 
-        Each file is replaced atomically, `models` first: a kill in between leaves rows no current model
-        points to, never a model without its rows. Tokens are filtered batch by batch (bounded memory); a
-        file left with no rows is deleted."""
+        Each file is replaced atomically, `tensors` and `tokens` first: a kill in between leaves a row whose
+        update has not landed yet (the caller's pass, run again, finishes it), never rows that no current model
+        row accounts for. Tokens are filtered batch by batch (bounded memory); a file left empty is deleted."""
         fs, root = self.fs, self.root
-        path = f"{root}/models/{shard}.parquet"
-        models = pq.read_table(path, filesystem=fs)
-        current = models.to_pylist()
-        if any(m["model_id"] in updates for m in current):
-            new = [{**m, **updates.get(m["model_id"], {})} for m in current]
-            _write_table(fs, path, pa.Table.from_pylist(new, schema=schema_for("models", self.spec)))
-        if not drop:
-            return
         keep = pa.array(sorted(drop), pa.string())
-        for table in ("tensors", "tokens"):
+        for table in ("tensors", "tokens") if drop else ():
             path = f"{root}/{table}/{shard}.parquet"
             if fs.get_file_info(path).type != pafs.FileType.File:
                 continue
@@ -210,6 +202,11 @@ class Catalog:
             else:
                 fs.delete_file(path)
                 fs.delete_file(tmp)
+        path = f"{root}/models/{shard}.parquet"
+        current = pq.read_table(path, filesystem=fs).to_pylist()
+        if any(m["model_id"] in updates for m in current):
+            new = [{**m, **updates.get(m["model_id"], {})} for m in current]
+            _write_table(fs, path, pa.Table.from_pylist(new, schema=schema_for("models", self.spec)))
 
     def write_table(self, table: str, stem: str, data: pa.Table) -> str:
         """Write `<table>/<stem>.parquet` whole and atomically (temporary name, then rename); returns its path.
