@@ -1,4 +1,4 @@
-"""`python -m catalog sql|info CATALOG ...`: query a catalog with SQL, or summarize it."""
+"""`python -m catalog sql|info|compact CATALOG ...`: query a catalog with SQL, summarize it, or compact it."""
 
 from __future__ import annotations
 
@@ -121,6 +121,13 @@ def build_parser() -> Parser:
     p.add_argument("--max-rows", type=int, default=100, help="rows shown in table format (default 100)")
     p = sub.add_parser("info", help="counts, sizes, dtypes, roles and failures", description="Summarize a catalog.")
     p.add_argument("catalog", metavar="CATALOG")
+    p = sub.add_parser("compact", help="merge small shards into large ones (atomically; safe to kill)",
+                       description="Merge consecutive small shards into shards of about --target-mb, keeping each "
+                       "model's current rows only, so queries stay fast after weeks of crawling. Readers never see a "
+                       "half state; a killed compaction is finished or rolled back by the next crawl or compaction. "
+                       "Do not run it while a crawl writes to the same catalog.")
+    p.add_argument("catalog", metavar="CATALOG")
+    p.add_argument("--target-mb", type=float, default=256, help="size of a merged shard in MB of Parquet (default 256)")
     return parser
 
 
@@ -129,6 +136,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     cat = Catalog.open(args.catalog)
     if args.command == "info":
         info(cat)
+        return 0
+    if args.command == "compact":
+        from catalog.cli import setup_logging
+        from catalog.compact import compact
+
+        if not args.target_mb > 0:
+            raise WildzooError("--target-mb must be > 0")
+        setup_logging()
+        s = compact(cat, int(args.target_mb * 1e6))
+        print(f"compact: {s['shards_before']:,} shards → {s['shards_after']:,} ({s['merged']:,} merged; "
+              f"{s['dropped_rows']:,} rows of replaced models dropped) in {s['seconds']:.1f}s → {s['catalog']}")
         return 0
     columns, rows = query(connect(cat), args.sql)
     emit(columns, rows, args.format, args.max_rows)

@@ -74,7 +74,7 @@ Neural-network weights as data: crawl models into a Parquet catalog, query it wi
 commands (each is also `python -m <command>`; `wildzoo <command> --help` explains it):
   zoo       train a lab zoo of small CNNs on scikit-learn's digits (Model Zoos layout)
   crawl     crawl local folders, Model Zoos or the Hugging Face Hub into a catalog
-  catalog   ask a catalog: SQL, info
+  catalog   ask a catalog: SQL, info, compaction
   train     fit the weight-space backbone, embed, probe
 """
 

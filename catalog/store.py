@@ -25,6 +25,7 @@ from catalog.errors import WildzooError
 from catalog.schema import TABLES, CatalogSpec, schema_for
 
 TMP_PREFIX = ".tmp-"
+COMPACTIONS = "_compactions"
 
 
 class CatalogMissing(WildzooError):
@@ -111,16 +112,40 @@ class Catalog:
             )
 
     def files(self, table: str) -> list[str]:
-        """Complete shard files of one table, sorted."""
+        """Committed shard files of one table, sorted: a crawl's or a compaction's shard is seen from the moment
+        its `models` file lands, and shards a committed compaction replaced are not seen any more."""
+        replaced = self.compactions()[0] if table in TABLES else set()
+        paths = self._parquet(table)
+        if table in TABLES and table != "models":
+            committed = {_stem(p) for p in self._parquet("models")}
+            paths = [p for p in paths if _stem(p) in committed]
+        return sorted(p for p in paths if _stem(p) not in replaced)
+
+    def _parquet(self, table: str) -> list[str]:
         sel = pafs.FileSelector(f"{self.root}/{table}", allow_not_found=True)
-        return sorted(
-            i.path
-            for i in self.fs.get_file_info(sel)
-            if i.type == pafs.FileType.File and i.base_name.endswith(".parquet") and not i.base_name.startswith((".", "_"))
-        )
+        return [i.path for i in self.fs.get_file_info(sel) if i.type == pafs.FileType.File
+                and i.base_name.endswith(".parquet") and not i.base_name.startswith((".", "_"))]
+
+    def compactions(self) -> tuple[set[str], list[tuple[str, str, list[str]]]]:
+        """(shards replaced by committed compactions, [(journal path, new shard, old shards)] of every journal).
+
+        `catalog compact` writes a journal naming the shards it merges before it commits the merged shard; from
+        that commit on, the old shards are invisible to readers until they are deleted (catalog.compact)."""
+        sel = pafs.FileSelector(f"{self.root}/{COMPACTIONS}", allow_not_found=True)
+        journals = [i.path for i in self.fs.get_file_info(sel)
+                    if i.type == pafs.FileType.File and i.base_name.endswith(".json") and not i.base_name.startswith(".")]
+        replaced: set[str] = set()
+        out = []
+        for path in sorted(journals):
+            with self.fs.open_input_stream(path) as f:
+                entry = json.loads(f.read().decode())
+            out.append((path, entry["shard"], list(entry["replaces"])))
+            if self.fs.get_file_info(f"{self.root}/models/{entry['shard']}.parquet").type == pafs.FileType.File:
+                replaced.update(entry["replaces"])
+        return replaced, out
 
     def shard_ids(self, table: str) -> set[str]:
-        return {p.rsplit("/", 1)[1][: -len(".parquet")] for p in self.files(table)}
+        return {_stem(p) for p in self.files(table)}
 
     def current_models(self, columns: Iterable[str] = ("model_id", "status")) -> pa.Table:
         """The current `models` row of every model: `columns` and `shard` (the shard the row is in).
@@ -156,9 +181,12 @@ class Catalog:
         return dict(zip(t.column("model_id").to_pylist(), t.column("status").to_pylist(), strict=True))
 
     def clean(self) -> int:
-        """Remove temporary files and uncommitted shards left by a killed crawl; returns how many."""
+        """Remove temporary files and uncommitted shards left by a killed crawl, and finish (or roll back) a killed
+        compaction; returns how many files."""
+        from catalog.compact import finish_compactions
+
+        removed = finish_compactions(self)
         committed = self.shard_ids("models")
-        removed = 0
         for table in TABLES:
             sel = pafs.FileSelector(f"{self.root}/{table}", allow_not_found=True)
             for i in self.fs.get_file_info(sel):
@@ -217,6 +245,11 @@ class Catalog:
         path = f"{self.root}/{table}/{stem}.parquet"
         _write_table(self.fs, path, data.cast(schema_for(table, self.spec)))
         return path
+
+
+def _stem(path: str) -> str:
+    """A shard file's shard id."""
+    return path.rsplit("/", 1)[1][: -len(".parquet")]
 
 
 def atomic_write(fs: pafs.FileSystem, path: str, data: bytes) -> None:

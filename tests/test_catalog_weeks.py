@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+import time
+
 import pyarrow as pa
+import pyarrow.fs
+import pyarrow.parquet
+import pytest
 
 from catalog.query import connect
 from catalog.schema import MODELS, CatalogSpec
@@ -61,3 +66,95 @@ def test_a_retried_model_has_one_current_row_everywhere(tmp_path):
     current = cat.current_models(("model_id", "status", "n_tokens"))
     assert current.num_rows == 2 and all(n > 0 for n in current.column("n_tokens").to_pylist())
     assert len(list_models(cat)) == 2
+
+
+def _crawled(tmp_path, n: int = 12):
+    """A local catalog of `n` small models, one shard each, one model retried after an error."""
+    from crawl.cli import cli as crawl_cli
+
+    import modelfactory
+
+    src = tmp_path / "models"
+    for i in range(n):
+        (modelfactory.cnn if i % 2 else modelfactory.mlp)(src / f"m{i:02d}", seed=i)
+    (src / "broken").mkdir()
+    (src / "broken" / "model.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json}      ")
+    cat_dir = str(tmp_path / "cat")
+    assert crawl_cli(["local", str(src), "--catalog", cat_dir, "--no-ray", "--batch-size", "1"]) == 0
+    modelfactory.cnn(src / "broken", seed=99)
+    time.sleep(1.1)  # a later crawl's shards have a later stamp (same second, same models: the same shard id)
+    assert crawl_cli(["local", str(src), "--catalog", cat_dir, "--no-ray", "--retry-errors"]) == 0
+    return Catalog.open(cat_dir)
+
+
+def _content(cat: Catalog) -> dict:
+    con = connect(cat)
+    return {
+        "models": con.execute("SELECT * EXCLUDE (crawled_at) FROM models ORDER BY model_id").fetchall(),
+        "tensors": con.execute("SELECT * FROM tensors ORDER BY model_id, tensor_idx").fetchall(),
+        "tokens": con.execute("SELECT model_id, token_idx, hash(values), n_valid FROM tokens ORDER BY 1, 2").fetchall(),
+        "properties": con.execute("SELECT * FROM properties ORDER BY ALL").fetchall(),
+    }
+
+
+def test_compaction_merges_small_shards_and_readers_see_the_same_catalog(tmp_path):
+    from catalog.__main__ import cli as catalog_cli
+    from train.data import list_models
+
+    cat = _crawled(tmp_path)
+    before, refs = _content(cat), list_models(cat)
+    assert len(cat.files("models")) == 14 and len(before["models"]) == 13
+    raw = sum(pa.parquet.read_table(f, filesystem=cat.fs).num_rows for f in cat.files("models"))
+    assert raw == 14  # the retried model's error row is on disk
+    assert catalog_cli(["compact", cat.uri, "--target-mb", "1"]) == 0
+    assert len(cat.files("models")) == 1 and len(cat.files("tokens")) == 1
+    assert _content(cat) == before
+    assert [(r.model_id, r.n_tokens) for r in list_models(cat)] == [(r.model_id, r.n_tokens) for r in refs]
+    assert sum(pa.parquet.read_table(f, filesystem=cat.fs).num_rows for f in cat.files("models")) == 13
+    assert not cat.fs.get_file_info(pa.fs.FileSelector(f"{cat.root}/_compactions"))  # journal gone
+    assert catalog_cli(["compact", cat.uri]) == 0 and len(cat.files("models")) == 1  # nothing left to merge
+
+
+@pytest.mark.parametrize("kill_at", ["before the journal", "before the commit", "after the commit", "mid-delete"])
+def test_a_compaction_killed_anywhere_loses_nothing_and_shows_no_half_state(tmp_path, monkeypatch, kill_at):
+    import catalog.compact as cc
+
+    cat = _crawled(tmp_path, n=6)
+    before, shards = _content(cat), len(cat.files("models"))
+
+    class Killed(BaseException):
+        pass
+
+    def killer(real, when=0, after=False):
+        calls = []
+
+        def f(*a, **k):
+            calls.append(1)
+            if len(calls) > when:
+                if after:
+                    real(*a, **k)
+                raise Killed
+            return real(*a, **k)
+        return f
+
+    if kill_at == "before the journal":  # the merged shard's tables are written, not committed
+        monkeypatch.setattr(cc, "atomic_write", killer(cc.atomic_write))
+    elif kill_at == "before the commit":  # the journal is written, the merged models file not
+        monkeypatch.setattr(cc, "atomic_write", killer(cc.atomic_write, after=True))
+    elif kill_at == "after the commit":  # the merged shard committed, the old shards all there
+        monkeypatch.setattr(cc, "finish_compactions", killer(cc.finish_compactions, when=1))  # 1: the clean() first
+    else:
+        monkeypatch.setattr(cc, "_delete_shard", killer(cc._delete_shard, when=2))
+    with pytest.raises(Killed):
+        cc.compact(Catalog.open(cat.uri), 1 << 20)
+    monkeypatch.undo()
+    cat = Catalog.open(cat.uri)
+    assert _content(cat) == before  # readers: every row once, nothing missing
+    assert len(cat.files("models")) in ((shards,) if kill_at.startswith("before") else (1,))
+    cat.clean()  # what the next crawl or compaction does first
+    assert _content(cat) == before
+    leftovers = [i.base_name for t in ("models", "tensors", "tokens", "properties", "_compactions")
+                 for i in cat.fs.get_file_info(pa.fs.FileSelector(f"{cat.root}/{t}", allow_not_found=True))
+                 if i.base_name.startswith(".") or t == "_compactions"]
+    assert leftovers == []
+    assert len(cat.files("models")) in ((shards,) if kill_at.startswith("before") else (1,))

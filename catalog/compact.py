@@ -1,0 +1,155 @@
+"""`catalog compact`: merge a catalog's small shards into large ones, atomically.
+
+Weeks of crawling leave thousands of small shards (a batch of models each), and every query opens all of
+them. Compaction merges consecutive small shards (in shard order, that is crawl order) into shards of about
+`target_bytes` of Parquet, all four tables together (a model's rows stay in one shard, as training's reader
+expects), keeping only what readers see: each model's current `models` row (`Catalog.current_models`), and
+the tensors, tokens and properties of the models whose current row it is — rows a retry or a re-pointed copy
+replaced are dropped.
+
+Atomic for readers, safe to kill: the merged shard's tables are written first (uncommitted, like a crawl's),
+then a journal `_compactions/<merged>.json` naming the shards it replaces, then the merged `models` file — the
+commit. From that moment `Catalog.files` hides the old shards; they are deleted (models first), then the
+journal. A killed compaction is finished (journal and merged shard committed) or rolled back (merged shard
+not committed: its leftovers and the journal removed) by `finish_compactions`, which every crawl and every
+compaction runs first. Do not compact while a crawl writes to the same catalog.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import time
+
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.fs as pafs
+import pyarrow.parquet as pq
+
+from catalog.schema import TABLES, schema_for
+from catalog.store import COMPACTIONS, TMP_PREFIX, Catalog, atomic_write
+
+log = logging.getLogger(__name__)
+
+TARGET_BYTES = 256 << 20
+BATCH_ROWS = 1 << 16
+
+
+def finish_compactions(cat: Catalog) -> int:
+    """Finish every compaction whose merged shard is committed, roll back every other; returns files removed."""
+    removed = 0
+    for journal, merged, old in cat.compactions()[1]:
+        committed = cat.fs.get_file_info(f"{cat.root}/models/{merged}.parquet").type == pafs.FileType.File
+        for shard in old if committed else [merged]:
+            removed += _delete_shard(cat, shard)
+        cat.fs.delete_file(journal)
+        removed += 1
+    return removed
+
+
+def _delete_shard(cat: Catalog, shard: str) -> int:
+    """Delete a shard's files, models (its commit marker) first."""
+    removed = 0
+    for table in ("models", *[t for t in TABLES if t != "models"]):
+        path = f"{cat.root}/{table}/{shard}.parquet"
+        if cat.fs.get_file_info(path).type == pafs.FileType.File:
+            cat.fs.delete_file(path)
+            removed += 1
+    stats = f"{cat.root}/_stats/{shard}.json"
+    if cat.fs.get_file_info(stats).type == pafs.FileType.File:
+        cat.fs.delete_file(stats)
+    return removed
+
+
+def _size(cat: Catalog, shard: str) -> int:
+    total = 0
+    for table in TABLES:
+        info = cat.fs.get_file_info(f"{cat.root}/{table}/{shard}.parquet")
+        total += info.size if info.type == pafs.FileType.File else 0
+    return total
+
+
+def plan(cat: Catalog, target_bytes: int) -> list[list[str]]:
+    """Groups of consecutive shards, each smaller than `target_bytes`, packed up to about `target_bytes`;
+    groups of one shard are left out (nothing to merge)."""
+    groups, group, size = [], [], 0
+    for shard in sorted(cat.shard_ids("models")):
+        n = _size(cat, shard)
+        if n >= target_bytes or size + n > target_bytes:
+            if len(group) > 1:
+                groups.append(group)
+            group, size = [], 0
+        if n < target_bytes:
+            group.append(shard)
+            size += n
+    if len(group) > 1:
+        groups.append(group)
+    return groups
+
+
+def compact(cat: Catalog, target_bytes: int = TARGET_BYTES) -> dict:
+    """Merge small shards (see the module docstring); returns a summary."""
+    t0 = time.time()
+    cleaned = cat.clean()
+    before = len(cat.shard_ids("models"))
+    current = cat.current_models(("model_id", "status"))
+    where = dict(zip(current.column("model_id").to_pylist(), current.column("shard").to_pylist(), strict=True))
+    status = dict(zip(current.column("model_id").to_pylist(), current.column("status").to_pylist(), strict=True))
+    del current
+    groups = plan(cat, target_bytes)
+    dropped = 0
+    for i, group in enumerate(groups):
+        dropped += _merge(cat, group, where, status)
+        log.info("compacted %d/%d: %d shards into one", i + 1, len(groups), len(group))
+    return {"catalog": cat.uri, "shards_before": before, "shards_after": len(cat.shard_ids("models")),
+            "merged": sum(len(g) for g in groups), "dropped_rows": dropped, "cleaned": cleaned,
+            "seconds": round(time.time() - t0, 2)}
+
+
+#: Which models' rows each table keeps, by the model's current status.
+KEEP = {"models": None, "properties": None, "tensors": ("ok", "header_only"), "tokens": ("ok",)}
+
+
+def _merge(cat: Catalog, group: list[str], where: dict[str, str], status: dict[str, str]) -> int:
+    """Write the merged shard of `group`, commit it, delete the group; returns the rows left out.
+
+    A row is kept where it is its model's current row's shard (`where`) and the model's current status keeps
+    that table (`KEEP`)."""
+    fs, root = cat.fs, cat.root
+    digest = hashlib.sha256("\0".join(group).encode()).hexdigest()[:16]
+    merged = f"{group[-1].split('-')[0]}-c{digest}"
+    members = set(group)
+    own: dict[str, list[str]] = {shard: [] for shard in group}
+    for m, shard in where.items():
+        if shard in members:
+            own[shard].append(m)
+    dropped = 0
+    for table in ("tokens", "tensors", "properties", "models"):
+        schema = schema_for(table, cat.spec)
+        final = f"{root}/{table}/{merged}.parquet"
+        tmp = f"{root}/{table}/{TMP_PREFIX}{merged}.parquet"
+        rows = 0
+        with fs.open_output_stream(tmp) as out, pq.ParquetWriter(out, schema, compression="zstd") as writer:
+            for shard in group:
+                path = f"{root}/{table}/{shard}.parquet"
+                if fs.get_file_info(path).type != pafs.FileType.File:
+                    continue
+                ids = pa.array([m for m in own[shard] if KEEP[table] is None or status[m] in KEEP[table]], pa.string())
+                with fs.open_input_file(path) as src:
+                    for batch in pq.ParquetFile(src).iter_batches(batch_size=BATCH_ROWS):
+                        part = batch.filter(pc.is_in(batch.column("model_id"), ids))
+                        dropped += batch.num_rows - part.num_rows
+                        if part.num_rows:
+                            writer.write_table(pa.Table.from_batches([part]).cast(schema))
+                            rows += part.num_rows
+        if table == "models":
+            fs.create_dir(f"{root}/{COMPACTIONS}", recursive=True)
+            atomic_write(fs, f"{root}/{COMPACTIONS}/{merged}.json",
+                         json.dumps({"shard": merged, "replaces": group}).encode())
+        if rows or table == "models":
+            fs.move(tmp, final)  # the models file last: the merged shard's commit
+        else:
+            fs.delete_file(tmp)
+    finish_compactions(cat)
+    return dropped
