@@ -13,6 +13,7 @@ import json
 import time
 import uuid
 from collections.abc import Iterable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
@@ -155,25 +156,32 @@ class Catalog:
         the later shard). Every reader of `models` goes through this rule (and the SQL view, catalog.query)."""
         columns = list(dict.fromkeys(["model_id", *columns]))
         read = list(dict.fromkeys([*columns, "crawled_at"]))
-        parts, shards = [], []
-        for i, path in enumerate(self.files("models")):
-            t = pq.read_table(path, columns=read, filesystem=self.fs)
-            parts.append(t.append_column("_file", pa.array(np.full(t.num_rows, i, np.int32))))
-            shards.append(path.rsplit("/", 1)[1][: -len(".parquet")])
-        if not parts:
+        files = self.files("models")
+        if not files:
             schema = schema_for("models", self.spec)
             return pa.table({**{c: pa.array([], schema.field(c).type) for c in columns}, "shard": pa.array([], pa.string())})
+        with ThreadPoolExecutor(min(8, len(files))) as pool:  # many small files: reading them overlaps
+            parts = list(pool.map(lambda p: pq.read_table(p, columns=read, filesystem=self.fs), files))
+        file_of = np.repeat(np.arange(len(files), dtype=np.int32), [t.num_rows for t in parts])
         t = pa.concat_tables(parts)
-        when = pc.fill_null(t.column("crawled_at"), pa.scalar(0, t.schema.field("crawled_at").type))  # unknown: oldest
-        key = pa.table({"model_id": t.column("model_id"), "when": when, "file": t.column("_file")})
-        t = t.take(pc.sort_indices(key, [("model_id", "ascending"), ("when", "descending"), ("file", "descending")]))
-        ids = t.column("model_id").combine_chunks()
-        first = np.ones(t.num_rows, bool)
-        if t.num_rows > 1:
+        del parts
+        counts = pc.value_counts(t.column("model_id"))
+        repeated = counts.field("values").filter(pc.greater(counts.field("counts"), 1))
+        if len(repeated):  # only the models with several rows need the rule
+            rows = np.flatnonzero(pc.is_in(t.column("model_id"), repeated).to_numpy(zero_copy_only=False))
+            sub = t.take(rows)
+            when = pc.fill_null(sub.column("crawled_at"), pa.scalar(0, sub.schema.field("crawled_at").type))
+            key = pa.table({"model_id": sub.column("model_id"), "when": when, "file": file_of[rows]})
+            order = pc.sort_indices(key, [("model_id", "ascending"), ("when", "descending"), ("file", "descending")])
+            ids = key.column("model_id").take(order).combine_chunks()
+            first = np.ones(len(ids), bool)
             first[1:] = pc.not_equal(ids[1:], ids[:-1]).to_numpy(zero_copy_only=False)
-        t = t.filter(pa.array(first))
-        shard = pa.DictionaryArray.from_arrays(t.column("_file").combine_chunks(), pa.array(shards, pa.string()))
-        return t.select(columns).append_column("shard", shard)
+            keep = np.ones(t.num_rows, bool)
+            keep[rows] = False
+            keep[rows[order.to_numpy()[first]]] = True
+            t, file_of = t.filter(pa.array(keep)), file_of[keep]
+        shards = pa.array([_stem(p) for p in files], pa.string())
+        return t.select(columns).append_column("shard", pa.DictionaryArray.from_arrays(pa.array(file_of), shards))
 
     def done(self) -> dict[str, str]:
         """{model_id: status} of every committed model (its current row)."""

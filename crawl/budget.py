@@ -68,6 +68,7 @@ class Coordinator:
         self.max_downloads = max(1, int(max_downloads))
         self.slots: dict[str, float] = {}
         self.hashes: dict[str, tuple[tuple, str]] = {}  # content hash -> (rank, model_id) of its holder
+        self.taken_over: set[str] = set()  # hashes a better-ranked copy took from a holder (to re-point after)
         self.counts = dict.fromkeys(KINDS, 0)
         self.waited_s = 0.0
         self.rate_limited = 0
@@ -115,6 +116,8 @@ class Coordinator:
         with self._lock:
             held = self.hashes.get(content_hash)
             if held is None or rank <= held[0]:
+                if held is not None and held[1] != model_id:
+                    self.taken_over.add(content_hash)
                 self.hashes[content_hash] = (rank, model_id)
                 return None
             return held[1]
@@ -124,6 +127,11 @@ class Coordinator:
         with self._lock:
             if self.hashes.get(content_hash, (None, None))[1] == model_id:
                 del self.hashes[content_hash]
+
+    def takeovers(self) -> list[str]:
+        """Hashes whose holder a better-ranked copy displaced during this crawl."""
+        with self._lock:
+            return sorted(self.taken_over)
 
     def seed(self, claims: dict[str, tuple[str, int | None]]) -> int:
         """Holders already in the catalog (content hash -> (model_id, downloads)); returns how many are known."""

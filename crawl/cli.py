@@ -341,7 +341,9 @@ def crawl_listed(args, catalog: Catalog, query: Query, opts: HubOptions, per_win
         hub_http.install(coord, opts.endpoint, opts.timeout_s)
         t0 = time.time()
         current = catalog.current_models(("model_id", "repo_id", "status", "content_hash", "downloads"))  # once
-        coord.seed(existing_hashes(current))
+        holders, unfinished = existing_hashes(current)
+        coord.seed(holders)
+        del holders
         log.info("catalog read in %.1fs: %d models", time.time() - t0, current.num_rows)
         t0 = time.time()
         rows = enumerate_repos(query, opts)
@@ -356,8 +358,8 @@ def crawl_listed(args, catalog: Catalog, query: Query, opts: HubOptions, per_win
         summary = pipeline.crawl(tasks.make_tasks(rows), catalog, replace(opts, coordinator=name).to_options(),
                                  workers=args.workers, batch_size=batch, retry_errors=args.retry_errors,
                                  use_ray=use_ray, resources=args.worker_resources, done=done)
-        repointed(summary, canonical_copies(catalog))
-        sweep_downloads(opts.download_dir, catalog.done())
+        repointed(summary, canonical_copies(catalog, unfinished | set(coord.takeovers())))
+        sweep_downloads(opts.download_dir, done.keys() | summary["statuses"].keys())
         print_summary(summary)
         _print_requests(coord.stats(), len(rows), changed)
     finally:

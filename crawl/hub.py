@@ -24,10 +24,12 @@ import os
 import re
 import shutil
 import time
+from collections.abc import Container
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
 
 from catalog.errors import BadWeights, WildzooError
 from catalog.roles import natural_key
@@ -507,15 +509,23 @@ def enumerate_repos(query: Query, opts: HubOptions) -> list[dict]:
                            f"{f' ({message})' if message else ''}") from None
 
 
-def existing_hashes(current) -> dict[str, tuple[str, int | None]]:
-    """content hash -> (model_id, downloads) of the canonical copy of each weights a catalog holds, from its
-    current rows (`Catalog.current_models` with model_id, content_hash, status, downloads)."""
+def existing_hashes(current) -> tuple[dict[str, tuple[str, int | None]], set[str]]:
+    """From a catalog's current rows (`Catalog.current_models` with model_id, content_hash, status, downloads):
+    content hash -> (model_id, downloads) of the canonical copy of each weights it holds, and the hashes held by
+    several copies (a crawl killed before it re-pointed them: `canonical_copies` finishes them)."""
+    import pyarrow.compute as pc
+
+    held = current.filter(pc.and_(pc.is_in(current.column("status"), pa.array(["ok", "header_only"])),
+                                  pc.is_valid(current.column("content_hash"))))
     out: dict[str, tuple[str, int | None]] = {}
-    for mid, h, s, d in zip(*(current.column(c).to_pylist() for c in ("model_id", "content_hash", "status", "downloads")),
-                            strict=True):
-        if h and s in ("ok", "header_only") and (h not in out or canonical_rank(d, mid) < canonical_rank(*out[h][::-1])):
-            out[h] = (mid, d)
-    return out
+    several: set[str] = set()
+    for mid, h, d in zip(*(held.column(c).to_pylist() for c in ("model_id", "content_hash", "downloads")), strict=True):
+        if h in out:
+            several.add(h)
+            if canonical_rank(d, mid) >= canonical_rank(out[h][1], out[h][0]):
+                continue
+        out[h] = (mid, d)
+    return out, several
 
 
 def revisions(listed: list[dict], current) -> dict[str, int]:
@@ -529,7 +539,7 @@ def revisions(listed: list[dict], current) -> dict[str, int]:
     return out
 
 
-def canonical_copies(catalog) -> dict[str, tuple[str, str]]:
+def canonical_copies(catalog, hashes: set[str] | None = None) -> dict[str, tuple[str, str]]:
     """Re-point copies of the same weights to their canonical copy (`budget.canonical_rank`); returns the rows
     changed: model_id -> (status before, reason now).
 
@@ -537,8 +547,15 @@ def canonical_copies(catalog) -> dict[str, tuple[str, str]]:
     and a later crawl may list a better copy of weights the catalog holds: then two copies hold tokens. This
     pass, run after every hub crawl, keeps the first-ranked holder; every other holder becomes a `skipped`
     duplicate of it (its tensors and tokens removed: they are the canonical copy's), and duplicates that
-    pointed to a former holder point to the canonical copy. Idempotent: a killed pass is finished by the next."""
+    pointed to a former holder point to the canonical copy. Idempotent: a killed pass is finished by the next.
+    `hashes` limits it to those content hashes (the ones a crawl saw taken over); empty: nothing to do."""
+    if hashes is not None and not hashes:
+        return {}
     t = catalog.current_models(("model_id", "source", "content_hash", "status", "duplicate_of", "downloads"))
+    if hashes is not None:
+        import pyarrow.compute as pc
+
+        t = t.filter(pc.is_in(t.column("content_hash"), pa.array(sorted(hashes), pa.string())))
     groups: dict[str, list[dict]] = {}
     for r in t.to_pylist():
         if r["content_hash"] and r["source"] == "hub" and (r["status"] in ("ok", "header_only") or r["duplicate_of"]):
@@ -565,7 +582,7 @@ def canonical_copies(catalog) -> dict[str, tuple[str, str]]:
     return {m: (before[m], u["error"]) for c in changes.values() for m, u in c.items()}
 
 
-def sweep_downloads(download_dir: str, done: dict[str, str]) -> int:
+def sweep_downloads(download_dir: str, done: Container[str]) -> int:
     """Delete download folders of models the catalog holds (left by a worker killed after its commit)."""
     root, removed = Path(download_dir), 0
     if not root.is_dir():

@@ -351,6 +351,22 @@ def test_the_same_hub_gives_the_same_catalog_whichever_copy_comes_first(zoo, ref
     assert fingerprint(tmp_path / "weeks") == fingerprint(reference[0])  # the mirrors' tokens are gone too
 
 
+def test_a_crawl_killed_before_it_re_pointed_copies_is_finished_by_the_next(zoo, reference, tmp_path, monkeypatch):
+    import crawl.cli
+
+    with HubServer(zoo.root, page_size=25) as server:
+        monkeypatch.setattr(crawl.cli, "canonical_copies", lambda catalog, hashes=None: {})  # killed before the pass
+        rc, out, err = run_hub(server.url, tmp_path / "cat", *LIMITS, "--no-ray", "--batch-size", "1")
+        assert rc == 0, err
+        rows = models(tmp_path / "cat")
+        assert rows["mirror/cnn-05"]["status"] == rows["tabular/cnn-05"]["status"] == "ok"  # two holders
+        monkeypatch.undo()
+        rc, out, err = run_hub(server.url, tmp_path / "cat", *LIMITS, "--no-ray")
+        assert rc == 0, err
+    assert "58 already in the catalog" in out and "2 copies of identical weights re-pointed" in out
+    assert fingerprint(tmp_path / "cat") == fingerprint(reference[0])
+
+
 def test_a_rerun_weeks_later_crawls_new_repos_and_new_revisions_and_keeps_the_old(tmp_path):
     root, scratch = tmp_path / "hub", tmp_path / "scratch"
     for i, repo in enumerate(("lab/a", "lab/b", "lab/c")):
