@@ -18,6 +18,8 @@ import uuid
 from collections.abc import Sequence
 from dataclasses import replace
 
+import pyarrow as pa
+
 from catalog import tokenize as tk
 from catalog.cli import WORKER_RESOURCES_HELP, Parser, resources_arg, run, setup_logging
 from catalog.errors import WildzooError
@@ -352,14 +354,15 @@ def crawl_listed(args, catalog: Catalog, query: Query, opts: HubOptions, per_win
         log.info("listed %d repos in %.1fs (%d API requests)", len(rows), time.time() - t0,
                  coord.stats()["requests"]["api"])
         changed = revisions(rows, current)
-        done = dict(zip(current.column("model_id").to_pylist(), current.column("status").to_pylist(), strict=True))
+        done = current.select(["model_id", "status"])
         del current
         batch = args.batch_size or (64 if opts.header_only else 8)
         summary = pipeline.crawl(tasks.make_tasks(rows), catalog, replace(opts, coordinator=name).to_options(),
                                  workers=args.workers, batch_size=batch, retry_errors=args.retry_errors,
                                  use_ray=use_ray, resources=args.worker_resources, done=done)
         repointed(summary, canonical_copies(catalog, unfinished | set(coord.takeovers())))
-        sweep_downloads(opts.download_dir, done.keys() | summary["statuses"].keys())
+        sweep_downloads(opts.download_dir, pa.concat_arrays([done.column("model_id").combine_chunks(),
+                                                            pa.array(list(summary["statuses"]), pa.string())]))
         print_summary(summary)
         _print_requests(coord.stats(), len(rows), changed)
     finally:

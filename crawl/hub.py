@@ -24,7 +24,6 @@ import os
 import re
 import shutil
 import time
-from collections.abc import Container
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
@@ -531,12 +530,13 @@ def existing_hashes(current) -> tuple[dict[str, tuple[str, int | None]], set[str
 def revisions(listed: list[dict], current) -> dict[str, int]:
     """How the listing compares with the catalog: repos `new` to it, `updated` (a revision it does not hold:
     a new model row; the old revision's rows stay) and `unchanged` (this revision is in the catalog)."""
-    ids = set(current.column("model_id").to_pylist())
-    repos = set(current.column("repo_id").to_pylist())
-    out = {"new": 0, "updated": 0, "unchanged": 0}
-    for r in listed:
-        out["unchanged" if r["model_id"] in ids else "updated" if r["repo_id"] in repos else "new"] += 1
-    return out
+    import pyarrow.compute as pc
+
+    held = pc.is_in(pa.array([r["model_id"] for r in listed], pa.string()), current.column("model_id").combine_chunks())
+    known = pc.is_in(pa.array([r["repo_id"] for r in listed], pa.string()), current.column("repo_id").combine_chunks())
+    unchanged = pc.sum(held).as_py() or 0
+    updated = pc.sum(pc.and_(pc.invert(held), known)).as_py() or 0
+    return {"new": len(listed) - unchanged - updated, "updated": updated, "unchanged": unchanged}
 
 
 def canonical_copies(catalog, hashes: set[str] | None = None) -> dict[str, tuple[str, str]]:
@@ -582,14 +582,25 @@ def canonical_copies(catalog, hashes: set[str] | None = None) -> dict[str, tuple
     return {m: (before[m], u["error"]) for c in changes.values() for m, u in c.items()}
 
 
-def sweep_downloads(download_dir: str, done: Container[str]) -> int:
-    """Delete download folders of models the catalog holds (left by a worker killed after its commit)."""
-    root, removed = Path(download_dir), 0
+def sweep_downloads(download_dir: str, done) -> int:
+    """Delete download folders of models the catalog holds (left by a worker killed after its commit); `done`:
+    an Arrow array (or any container) of the model ids committed."""
+    import pyarrow.compute as pc
+
+    root = Path(download_dir)
     if not root.is_dir():
         return 0
-    for repo in root.iterdir():
-        for rev in (repo.iterdir() if repo.is_dir() else ()):
-            if f"{repo.name.replace('--', '/', 1)}@{rev.name}" in done:
-                remove_folder(rev)
-                removed += 1
-    return removed
+    folders = {f"{repo.name.replace('--', '/', 1)}@{rev.name}": rev for repo in root.iterdir() if repo.is_dir()
+               for rev in repo.iterdir()}
+    if not folders:
+        return 0
+    ids = list(folders)
+    if isinstance(done, pa.Array | pa.ChunkedArray):
+        done = done.combine_chunks() if isinstance(done, pa.ChunkedArray) else done
+        held = pc.is_in(pa.array(ids, pa.string()), done).to_pylist()
+    else:
+        held = [m in done for m in ids]
+    for mid, h in zip(ids, held, strict=True):
+        if h:
+            remove_folder(folders[mid])
+    return sum(held)

@@ -32,7 +32,7 @@ def crawl(
     use_ray: bool = True,
     worker: type[CrawlWorker] = CrawlWorker,
     resources: dict[str, float] | None = None,
-    done: dict[str, str] | None = None,
+    done: dict[str, str] | pa.Table | None = None,
 ) -> dict:
     """Crawl `tasks` into `catalog`; returns a summary (counts by status, failures with reasons).
 
@@ -44,7 +44,8 @@ def crawl(
     removed = catalog.clean()
     if removed:
         log.info("removed %d leftover file(s) of an interrupted crawl", removed)
-    todo = skip_done(dedupe(tasks), catalog.done() if done is None else done, retry_errors)
+    todo = skip_done(dedupe(tasks), catalog.current_models(("model_id", "status")) if done is None else done,
+                     retry_errors)
     skipped_done = tasks.num_rows - todo.num_rows
     log.info("%d model(s) to crawl, %d already in the catalog", todo.num_rows, skipped_done)
     results = []

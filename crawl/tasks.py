@@ -34,12 +34,20 @@ def make_tasks(rows: list[dict]) -> pa.Table:
     return pa.Table.from_pylist(norm, schema=TASKS)
 
 
-def skip_done(tasks: pa.Table, done: dict[str, str], retry_errors: bool = False) -> pa.Table:
-    """Tasks whose model the catalog does not hold yet (with `retry_errors`, failed ones are redone)."""
-    ids = [m for m, s in done.items() if not (retry_errors and s == "error")]
-    if not ids:
+def skip_done(tasks: pa.Table, done: dict[str, str] | pa.Table, retry_errors: bool = False) -> pa.Table:
+    """Tasks whose model the catalog does not hold yet (with `retry_errors`, failed ones are redone).
+
+    `done`: {model_id: status}, or a table with `model_id` and `status` columns (a large catalog's current rows,
+    never turned into Python objects)."""
+    if isinstance(done, pa.Table):
+        if retry_errors:
+            done = done.filter(pc.not_equal(done.column("status"), "error"))
+        ids = done.column("model_id").combine_chunks()
+    else:
+        ids = pa.array([m for m, s in done.items() if not (retry_errors and s == "error")], pa.string())
+    if not len(ids):
         return tasks
-    return tasks.filter(pc.invert(pc.is_in(tasks["model_id"], pa.array(ids, pa.string()))))
+    return tasks.filter(pc.invert(pc.is_in(tasks["model_id"], ids)))
 
 
 def dedupe(tasks: pa.Table) -> pa.Table:
