@@ -155,3 +155,32 @@ def test_the_wildzoo_console_script_answers_help_on_stdout_and_rejects_unknown_c
     assert bad.returncode == 2 and bad.stdout == "" and "unknown command 'crawls'" in bad.stderr
     sub = subprocess.run([exe, "catalog", "--help"], capture_output=True, text=True, timeout=60)
     assert sub.returncode == 0 and sub.stdout.startswith("usage: python -m catalog")
+
+
+def test_crawl_imports_run_one_way():
+    """No import cycle among crawl/'s modules, lazy imports inside functions included."""
+    import ast
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent / "crawl"
+    graph = {}
+    for path in root.glob("*.py"):
+        deps = set()
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.module:
+                if node.module == "crawl":
+                    deps.update(a.name for a in node.names)
+                elif node.module.startswith("crawl."):
+                    deps.add(node.module.split(".")[1])
+            elif isinstance(node, ast.Import):
+                deps.update(a.name.split(".")[1] for a in node.names if a.name.startswith("crawl."))
+        graph[path.stem] = deps - {path.stem}
+    assert graph["cli"] >= {"hub", "pipeline"} and "cli" not in set().union(*(graph[m] for m in graph if m != "__main__"))
+
+    def visit(m, stack):
+        assert m not in stack, " → ".join([*stack, m])
+        for d in graph.get(m, ()):
+            visit(d, [*stack, m])
+
+    for m in graph:
+        visit(m, [])
