@@ -2,11 +2,13 @@
 
     python bench/catalog.py [--models 1000000] [--shards 2000] [--keep DIR]
 
-Writes a synthetic catalog of `--models` hub-like `models` rows (and 4 properties each) in `--shards` shards,
+Writes a synthetic catalog of `--models` hub-like `models` rows (and 4 tensors and 4 properties each) in
+`--shards` shards,
 as weeks of crawling leave it, then prints:
 - the start-up of `python -m crawl hub --no-ray` on it (a loopback hub with one new repo): wall time, the
   catalog read alone (its log line), peak RSS of the process;
-- typical queries (counts by status, a top-k by downloads, a lineage walk) before and after `catalog compact`,
+- typical queries (a GROUP BY over tensors, counts by status, a top-k by downloads, a property join, a lineage
+  walk) before and after `catalog compact`,
   and the compaction's own time;
 - the quantiles of an 11.7M-value MiniLM-sized table (30522 × 384) against numpy's exact ones, and their time.
 """
@@ -32,7 +34,7 @@ sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 import numpy as np  # noqa: E402
 import pyarrow as pa  # noqa: E402
 
-from catalog.schema import MODELS, PROPERTIES, CatalogSpec  # noqa: E402
+from catalog.schema import MODELS, PROPERTIES, TENSORS, CatalogSpec  # noqa: E402
 from catalog.store import Catalog  # noqa: E402
 
 
@@ -67,8 +69,18 @@ def build(path: Path, n: int, shards: int) -> Catalog:
                           "name": ["config.hidden_size", "config.num_layers", "config.model_type", "likes"] * len(ids),
                           "value": rng.integers(1, 1000, 4 * len(ids)).astype(float),
                           "text": [None] * (4 * len(ids))}, schema=PROPERTIES)
+        k = len(ids) * TENSORS_PER_MODEL
+        tensors = pa.table({"model_id": [m for m in mids for _ in range(TENSORS_PER_MODEL)],
+                            "tensor_idx": np.tile(np.arange(TENSORS_PER_MODEL, dtype=np.int32), len(ids)),
+                            "name": ["encoder.weight", "encoder.bias", "head.weight", "head.bias"] * len(ids),
+                            "role": ["linear", "bias", "head", "bias"] * len(ids),
+                            "dtype": rng.choice(["F32", "BF16", "F16"], k), "n_params": rng.integers(10, 10**6, k),
+                            "mean": rng.standard_normal(k) * 0.01, "std": rng.random(k) * 0.1})
+        tensors = pa.table({f.name: tensors[f.name] if f.name in tensors.column_names else pa.nulls(k, f.type)
+                            for f in TENSORS}, schema=TENSORS)
         stem = f"20261101T{s // 3600 % 24:02d}{s // 60 % 60:02d}{s % 60:02d}-{s:016x}"
         cat.write_table("properties", stem, props)
+        cat.write_table("tensors", stem, tensors)
         cat.write_table("models", stem, models)  # the commit marker last, as a crawl writes it
     return cat
 
@@ -97,7 +109,9 @@ def startup(cat: Catalog, work: Path) -> tuple[float, float, float]:
     return wall, read, rss
 
 
+TENSORS_PER_MODEL = 4
 QUERIES = {
+    "GROUP BY over tensors": "SELECT role, dtype, count(*), avg(std) FROM tensors GROUP BY ALL",
     "count by status": "SELECT status, count(*) FROM models GROUP BY status",
     "top 10 by downloads": "SELECT model_id, downloads FROM models WHERE status = 'ok' ORDER BY downloads DESC LIMIT 10",
     "a property join": """SELECT m.library, avg(p.value) FROM models m JOIN properties p USING (model_id)

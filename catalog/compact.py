@@ -118,7 +118,7 @@ def _merge(cat: Catalog, group: list[str], where: dict[str, str], status: dict[s
     that table (`KEEP`)."""
     fs, root = cat.fs, cat.root
     digest = hashlib.sha256("\0".join(group).encode()).hexdigest()[:16]
-    merged = f"{group[-1].split('-')[0]}-c{digest}"
+    merged = f"{group[-1].split('-')[0]}-merged-{digest}"
     members = set(group)
     own: dict[str, list[str]] = {shard: [] for shard in group}
     for m, shard in where.items():

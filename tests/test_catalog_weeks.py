@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.fs
@@ -158,3 +159,35 @@ def test_a_compaction_killed_anywhere_loses_nothing_and_shows_no_half_state(tmp_
                  if i.base_name.startswith(".") or t == "_compactions"]
     assert leftovers == []
     assert len(cat.files("models")) in ((shards,) if kill_at.startswith("before") else (1,))
+
+
+def test_sigkill_mid_compaction_then_a_rerun_leaves_the_uncompacted_catalog(tmp_path):
+    """`python -m catalog compact` SIGKILLed once its first merged shard is committed (observed on disk), then run
+    again: every reader sees the uncompacted catalog's content, in fewer shards, with nothing left over."""
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    cat = _crawled(tmp_path, n=16)
+    before, shards = _content(cat), len(cat.files("models"))
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(__file__).resolve().parent.parent),
+                                                        os.environ.get("PYTHONPATH", "")])}
+    # shards of ~28 kB and a 100 kB target: several merged shards, one after the other
+    p = subprocess.Popen([sys.executable, "-m", "catalog", "compact", cat.uri, "--target-mb", "0.1"], env=env,
+                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    merged = Path(cat.root) / "models"
+    while p.poll() is None and not any("-merged-" in f.name for f in merged.glob("*.parquet")):
+        time.sleep(0.005)
+    killed = p.poll() is None
+    if killed:
+        os.kill(p.pid, signal.SIGKILL)
+    p.wait()
+    print("killed mid-compaction" if killed else "finished before the kill")
+    assert _content(Catalog.open(cat.uri)) == before  # readers right after the kill
+    assert subprocess.run([sys.executable, "-m", "catalog", "compact", cat.uri, "--target-mb", "0.1"], env=env,
+                          capture_output=True).returncode == 0
+    cat = Catalog.open(cat.uri)
+    assert _content(cat) == before
+    assert 1 < len(cat.files("models")) < shards
+    assert not list((Path(cat.root) / "_compactions").glob("*")) and not list(Path(cat.root).rglob(".tmp-*"))
