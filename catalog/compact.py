@@ -2,7 +2,8 @@
 
 Weeks of crawling leave thousands of small shards (a batch of models each), and every query opens all of
 them. Compaction merges consecutive small shards (in shard order, that is crawl order) into shards of about
-`target_bytes` of Parquet, all four tables together (a model's rows stay in one shard, as training's reader
+`target_bytes` of Parquet (held in memory while merged), sorted by model id in row groups of 16k rows, so that
+training's reader of a few models skips the rest of a large shard, all four tables together (a model's rows stay in one shard, as training's reader
 expects), keeping only what readers see: each model's current `models` row (`Catalog.current_models`), and
 the tensors, tokens and properties of the models whose current row it is — rows a retry or a re-pointed copy
 replaced are dropped.
@@ -34,6 +35,10 @@ log = logging.getLogger(__name__)
 
 TARGET_BYTES = 256 << 20
 BATCH_ROWS = 1 << 16
+ROW_GROUP_ROWS = 1 << 14
+#: Each merged table's order after its model id (training reads a few models of a shard with one filtered scan).
+SORT_KEYS = {"models": [], "tensors": [("tensor_idx", "ascending")], "tokens": [("token_idx", "ascending")],
+             "properties": [("name", "ascending")]}
 
 
 def finish_compactions(cat: Catalog) -> int:
@@ -129,20 +134,26 @@ def _merge(cat: Catalog, group: list[str], where: dict[str, str], status: dict[s
         schema = schema_for(table, cat.spec)
         final = f"{root}/{table}/{merged}.parquet"
         tmp = f"{root}/{table}/{TMP_PREFIX}{merged}.parquet"
-        rows = 0
-        with fs.open_output_stream(tmp) as out, pq.ParquetWriter(out, schema, compression="zstd") as writer:
-            for shard in group:
-                path = f"{root}/{table}/{shard}.parquet"
-                if fs.get_file_info(path).type != pafs.FileType.File:
-                    continue
-                ids = pa.array([m for m in own[shard] if KEEP[table] is None or status[m] in KEEP[table]], pa.string())
-                with fs.open_input_file(path) as src:
-                    for batch in pq.ParquetFile(src).iter_batches(batch_size=BATCH_ROWS):
-                        part = batch.filter(pc.is_in(batch.column("model_id"), ids))
-                        dropped += batch.num_rows - part.num_rows
-                        if part.num_rows:
-                            writer.write_table(pa.Table.from_batches([part]).cast(schema))
-                            rows += part.num_rows
+        parts = []
+        for shard in group:
+            path = f"{root}/{table}/{shard}.parquet"
+            if fs.get_file_info(path).type != pafs.FileType.File:
+                continue
+            ids = pa.array([m for m in own[shard] if KEEP[table] is None or status[m] in KEEP[table]], pa.string())
+            with fs.open_input_file(path) as src:
+                for batch in pq.ParquetFile(src).iter_batches(batch_size=BATCH_ROWS):
+                    part = batch.filter(pc.is_in(batch.column("model_id"), ids))
+                    dropped += batch.num_rows - part.num_rows
+                    if part.num_rows:
+                        parts.append(pa.Table.from_batches([part]).cast(schema))
+        # sorted by model: a reader of a few models (training's filtered scan) skips the other row groups
+        merged_table = pa.concat_tables(parts) if parts else schema.empty_table()
+        del parts
+        rows = merged_table.num_rows
+        merged_table = merged_table.sort_by([("model_id", "ascending"), *SORT_KEYS[table]])
+        with fs.open_output_stream(tmp) as out:
+            pq.write_table(merged_table, out, compression="zstd", row_group_size=ROW_GROUP_ROWS)
+        del merged_table
         if table == "models":
             fs.create_dir(f"{root}/{COMPACTIONS}", recursive=True)
             atomic_write(fs, f"{root}/{COMPACTIONS}/{merged}.json",
