@@ -89,7 +89,7 @@ def _run_ray(todo: pa.Table, catalog: Catalog, options: dict, workers: int | Non
             fn_constructor_kwargs={"catalog_uri": catalog.uri, "options": options, "stamp": stamp},
             batch_size=batch_size,
             batch_format="pyarrow",
-            compute=ActorPoolStrategy(min_size=1, max_size=n),
+            compute=ActorPoolStrategy(min_size=n if workers else 1, max_size=n),  # --workers N: N from the start
             num_cpus=1,
             **({"resources": resources} if resources else {}),
         )
