@@ -102,8 +102,11 @@ def test_compaction_merges_small_shards_and_readers_see_the_same_catalog(tmp_pat
     from catalog.__main__ import cli as catalog_cli
     from train.data import list_models
 
+    from train.data import read_models
+
     cat = _crawled(tmp_path)
     before, refs = _content(cat), list_models(cat)
+    tokens = read_models(cat, refs)  # what training reads
     assert len(cat.files("models")) == 14 and len(before["models"]) == 13
     raw = sum(pa.parquet.read_table(f, filesystem=cat.fs).num_rows for f in cat.files("models"))
     assert raw == 14  # the retried model's error row is on disk
@@ -111,6 +114,9 @@ def test_compaction_merges_small_shards_and_readers_see_the_same_catalog(tmp_pat
     assert len(cat.files("models")) == 1 and len(cat.files("tokens")) == 1
     assert _content(cat) == before
     assert [(r.model_id, r.n_tokens) for r in list_models(cat)] == [(r.model_id, r.n_tokens) for r in refs]
+    again = read_models(cat, list_models(cat))
+    assert again.model_ids == tokens.model_ids and (again.offsets == tokens.offsets).all()
+    assert (again.values == tokens.values).all() and (again.stats == tokens.stats).all()
     assert sum(pa.parquet.read_table(f, filesystem=cat.fs).num_rows for f in cat.files("models")) == 13
     assert not cat.fs.get_file_info(pa.fs.FileSelector(f"{cat.root}/_compactions"))  # journal gone
     assert catalog_cli(["compact", cat.uri]) == 0 and len(cat.files("models")) == 1  # nothing left to merge
