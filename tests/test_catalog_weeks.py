@@ -100,9 +100,7 @@ def _content(cat: Catalog) -> dict:
 
 def test_compaction_merges_small_shards_and_readers_see_the_same_catalog(tmp_path):
     from catalog.__main__ import cli as catalog_cli
-    from train.data import list_models
-
-    from train.data import read_models
+    from train.data import list_models, read_models
 
     cat = _crawled(tmp_path)
     before, refs = _content(cat), list_models(cat)
