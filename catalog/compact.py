@@ -24,17 +24,15 @@ import logging
 import time
 
 import pyarrow as pa
-import pyarrow.compute as pc
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from catalog.schema import TABLES, schema_for
-from catalog.store import COMPACTIONS, TMP_PREFIX, Catalog, atomic_write
+from catalog.store import COMPACTIONS, TMP_PREFIX, Catalog, atomic_write, rows_of
 
 log = logging.getLogger(__name__)
 
 TARGET_BYTES = 256 << 20
-BATCH_ROWS = 1 << 16
 ROW_GROUP_ROWS = 1 << 14
 #: Each merged table's order after its model id (training reads a few models of a shard with one filtered scan).
 SORT_KEYS = {"models": [], "tensors": [("tensor_idx", "ascending")], "tokens": [("token_idx", "ascending")],
@@ -99,13 +97,15 @@ def compact(cat: Catalog, target_bytes: int = TARGET_BYTES) -> dict:
     cleaned = cat.clean()
     before = len(cat.shard_ids("models"))
     current = cat.current_models(("model_id", "status"))
-    where = dict(zip(current.column("model_id").to_pylist(), current.column("shard").to_pylist(), strict=True))
     status = dict(zip(current.column("model_id").to_pylist(), current.column("status").to_pylist(), strict=True))
+    own: dict[str, list[str]] = {}  # shard -> the models whose current row it holds
+    for m, shard in zip(current.column("model_id").to_pylist(), current.column("shard").to_pylist(), strict=True):
+        own.setdefault(shard, []).append(m)
     del current
     groups = plan(cat, target_bytes)
     dropped = 0
     for i, group in enumerate(groups):
-        dropped += _merge(cat, group, where, status)
+        dropped += _merge(cat, group, own, status)
         log.info("compacted %d/%d: %d shards into one", i + 1, len(groups), len(group))
     return {"catalog": cat.uri, "shards_before": before, "shards_after": len(cat.shard_ids("models")),
             "merged": sum(len(g) for g in groups), "dropped_rows": dropped, "cleaned": cleaned,
@@ -116,19 +116,14 @@ def compact(cat: Catalog, target_bytes: int = TARGET_BYTES) -> dict:
 KEEP = {"models": None, "properties": None, "tensors": ("ok", "header_only"), "tokens": ("ok",)}
 
 
-def _merge(cat: Catalog, group: list[str], where: dict[str, str], status: dict[str, str]) -> int:
+def _merge(cat: Catalog, group: list[str], own: dict[str, list[str]], status: dict[str, str]) -> int:
     """Write the merged shard of `group`, commit it, delete the group; returns the rows left out.
 
-    A row is kept where it is its model's current row's shard (`where`) and the model's current status keeps
+    A row is kept where its shard holds its model's current row (`own`) and the model's current status keeps
     that table (`KEEP`)."""
     fs, root = cat.fs, cat.root
     digest = hashlib.sha256("\0".join(group).encode()).hexdigest()[:16]
     merged = f"{group[-1].split('-')[0]}-merged-{digest}"
-    members = set(group)
-    own: dict[str, list[str]] = {shard: [] for shard in group}
-    for m, shard in where.items():
-        if shard in members:
-            own[shard].append(m)
     dropped = 0
     for table in ("tokens", "tensors", "properties", "models"):
         schema = schema_for(table, cat.spec)
@@ -139,13 +134,13 @@ def _merge(cat: Catalog, group: list[str], where: dict[str, str], status: dict[s
             path = f"{root}/{table}/{shard}.parquet"
             if fs.get_file_info(path).type != pafs.FileType.File:
                 continue
-            ids = pa.array([m for m in own[shard] if KEEP[table] is None or status[m] in KEEP[table]], pa.string())
+            ids = [m for m in own.get(shard, ()) if KEEP[table] is None or status[m] in KEEP[table]]
             with fs.open_input_file(path) as src:
-                for batch in pq.ParquetFile(src).iter_batches(batch_size=BATCH_ROWS):
-                    part = batch.filter(pc.is_in(batch.column("model_id"), ids))
-                    dropped += batch.num_rows - part.num_rows
-                    if part.num_rows:
-                        parts.append(pa.Table.from_batches([part]).cast(schema))
+                reader = pq.ParquetFile(src)
+                dropped += reader.metadata.num_rows
+                for part in rows_of(reader, ids):
+                    dropped -= part.num_rows
+                    parts.append(pa.Table.from_batches([part]).cast(schema))
         # sorted by model: a reader of a few models (training's filtered scan) skips the other row groups
         merged_table = pa.concat_tables(parts) if parts else schema.empty_table()
         del parts

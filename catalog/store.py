@@ -217,7 +217,6 @@ class Catalog:
         update has not landed yet (the caller's pass, run again, finishes it), never rows that no current model
         row accounts for. Tokens are filtered batch by batch (bounded memory); a file left empty is deleted."""
         fs, root = self.fs, self.root
-        keep = pa.array(sorted(drop), pa.string())
         for table in ("tensors", "tokens") if drop else ():
             path = f"{root}/{table}/{shard}.parquet"
             if fs.get_file_info(path).type != pafs.FileType.File:
@@ -228,11 +227,9 @@ class Catalog:
                 reader = pq.ParquetFile(src)
                 with fs.open_output_stream(tmp) as out, pq.ParquetWriter(out, reader.schema_arrow,
                                                                           compression="zstd") as writer:
-                    for batch in reader.iter_batches(batch_size=1 << 14):
-                        part = batch.filter(pc.invert(pc.is_in(batch.column("model_id"), keep)))
+                    for part in rows_of(reader, drop, keep=False):
                         kept += part.num_rows
-                        if part.num_rows:
-                            writer.write_batch(part)
+                        writer.write_batch(part)
             if kept:
                 fs.move(tmp, path)
             else:
@@ -253,6 +250,17 @@ class Catalog:
         path = f"{self.root}/{table}/{stem}.parquet"
         _write_table(self.fs, path, data.cast(schema_for(table, self.spec)))
         return path
+
+
+def rows_of(reader: pq.ParquetFile, model_ids: Iterable[str], keep: bool = True) -> Iterable[pa.RecordBatch]:
+    """The non-empty batches of a shard file's rows of `model_ids` (`keep=False`: of every other model), read
+    batch by batch (bounded memory)."""
+    ids = pa.array(sorted(model_ids), pa.string())
+    for batch in reader.iter_batches(batch_size=1 << 16):
+        mask = pc.is_in(batch.column("model_id"), ids)
+        part = batch.filter(mask if keep else pc.invert(mask))
+        if part.num_rows:
+            yield part
 
 
 def _stem(path: str) -> str:

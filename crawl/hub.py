@@ -29,6 +29,7 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from catalog.errors import BadWeights, WildzooError
 from catalog.roles import natural_key
@@ -512,8 +513,6 @@ def existing_hashes(current) -> tuple[dict[str, tuple[str, int | None]], set[str
     """From a catalog's current rows (`Catalog.current_models` with model_id, content_hash, status, downloads):
     content hash -> (model_id, downloads) of the canonical copy of each weights it holds, and the hashes held by
     several copies (a crawl killed before it re-pointed them: `canonical_copies` finishes them)."""
-    import pyarrow.compute as pc
-
     held = current.filter(pc.and_(pc.is_in(current.column("status"), pa.array(["ok", "header_only"])),
                                   pc.is_valid(current.column("content_hash"))))
     out: dict[str, tuple[str, int | None]] = {}
@@ -530,8 +529,6 @@ def existing_hashes(current) -> tuple[dict[str, tuple[str, int | None]], set[str
 def revisions(listed: list[dict], current) -> dict[str, int]:
     """How the listing compares with the catalog: repos `new` to it, `updated` (a revision it does not hold:
     a new model row; the old revision's rows stay) and `unchanged` (this revision is in the catalog)."""
-    import pyarrow.compute as pc
-
     held = pc.is_in(pa.array([r["model_id"] for r in listed], pa.string()), current.column("model_id").combine_chunks())
     known = pc.is_in(pa.array([r["repo_id"] for r in listed], pa.string()), current.column("repo_id").combine_chunks())
     unchanged = pc.sum(held).as_py() or 0
@@ -553,8 +550,6 @@ def canonical_copies(catalog, hashes: set[str] | None = None) -> dict[str, tuple
         return {}
     t = catalog.current_models(("model_id", "source", "content_hash", "status", "duplicate_of", "downloads"))
     if hashes is not None:
-        import pyarrow.compute as pc
-
         t = t.filter(pc.is_in(t.column("content_hash"), pa.array(sorted(hashes), pa.string())))
     groups: dict[str, list[dict]] = {}
     for r in t.to_pylist():
@@ -582,25 +577,16 @@ def canonical_copies(catalog, hashes: set[str] | None = None) -> dict[str, tuple
     return {m: (before[m], u["error"]) for c in changes.values() for m, u in c.items()}
 
 
-def sweep_downloads(download_dir: str, done) -> int:
+def sweep_downloads(download_dir: str, done: pa.Array) -> int:
     """Delete download folders of models the catalog holds (left by a worker killed after its commit); `done`:
-    an Arrow array (or any container) of the model ids committed."""
-    import pyarrow.compute as pc
-
+    the model ids committed."""
     root = Path(download_dir)
     if not root.is_dir():
         return 0
     folders = {f"{repo.name.replace('--', '/', 1)}@{rev.name}": rev for repo in root.iterdir() if repo.is_dir()
                for rev in repo.iterdir()}
-    if not folders:
-        return 0
-    ids = list(folders)
-    if isinstance(done, pa.Array | pa.ChunkedArray):
-        done = done.combine_chunks() if isinstance(done, pa.ChunkedArray) else done
-        held = pc.is_in(pa.array(ids, pa.string()), done).to_pylist()
-    else:
-        held = [m in done for m in ids]
-    for mid, h in zip(ids, held, strict=True):
-        if h:
-            remove_folder(folders[mid])
-    return sum(held)
+    held = [m for m, h in zip(folders, pc.is_in(pa.array(list(folders), pa.string()), done).to_pylist(), strict=True)
+            if h]
+    for mid in held:
+        remove_folder(folders[mid])
+    return len(held)
