@@ -15,7 +15,9 @@ same line of the driver's own C++ core worker for every Ray Data actor pool: Ray
 here): the driver's printer of worker output drops exactly those lines (`_DRIVER_DROPPED`), and so does
 a filter on the driver's file descriptor 2 (C++ writes there directly), installed by `ensure_ray` after
 Ray's own processes have started and removed at exit; everything else passes (one pattern for the
-notice, whatever the actor). Ray Data logs a line per dataset
+notice, whatever the actor). The raylet's warning that many worker processes started (a sweep's trials hold
+token CPU slots: train/tune.py) comes as an "error message" through the worker module's own printer, which is
+wrapped alike; the output of Train V2's placement-group cleaner actor (`_QUIET_ACTORS`) is dropped whole. Ray Data logs a line per dataset
 execution and a notice that progress bars are off: its console shows warnings only (`ray_data_logging.yaml`,
 through Ray Data's own RAY_DATA_LOGGING_CONFIG), its session log file keeps everything. Warnings and errors
 of every other kind still reach the driver.
@@ -38,7 +40,14 @@ _DROPPED = {
 }
 # lines of worker output the driver prints: (every one of these substrings) -> dropped
 # (Ray's C++ notice for any actor whose constructor arguments sit in the object store: Ray issue 53727)
-_DRIVER_DROPPED = (("core_worker.cc", "has constructor arguments in the object store and max_restarts > 0"),)
+_DRIVER_DROPPED = (("core_worker.cc", "has constructor arguments in the object store and max_restarts > 0"),
+                   # a sweep's trial drivers hold a token CPU slot (train/tune.py): the raylet counts them as
+                   # "fractional CPU requests" starting many worker processes, which is what a sweep does
+                   ("PYTHON worker processes have been started on node", "maximum expected startup concurrency"))
+# actors whose whole output is Ray's internals: Train V2's placement-group cleaner polls the State API, which on
+# a machine running two Rays (a notebook's and a command's) cannot tell which to ask, and its thread dies with a
+# traceback ("Found multiple active Ray instances"); training, checkpoints and clean-up go on without it
+_QUIET_ACTORS = ("PlacementGroupCleaner",)
 _STDERR_FILTER: list = []
 _AUTH_NOTICE = "ray._private.authentication.authentication_token_setup"
 
@@ -89,6 +98,8 @@ def filter_driver_logs() -> bool:
 
     def wrap(handler):
         def filtered(data):
+            if data.get("actor_name") in _QUIET_ACTORS:
+                return
             lines = [line for line in data.get("lines", ()) if keep_line(line)]
             if lines or not data.get("lines"):
                 handler({**data, "lines": lines})
@@ -99,6 +110,18 @@ def filter_driver_logs() -> bool:
         found = [(name, h) for name, h in dispatcher.handlers if name == "ray_print_logs"]
         dispatcher.handlers = [(name, h if name != "ray_print_logs" or getattr(h, "wrapped", False) else wrap(h))
                                for name, h in dispatcher.handlers]
+    # the raylet's warnings reach the driver as "error messages", printed by calling the module's function
+    import ray._private.worker as worker_module
+
+    printer = getattr(worker_module, "print_to_stdstream", None)
+    if printer is not None and not getattr(printer, "wrapped", False):
+        def print_kept(data, ignore_prefix):
+            lines = [line for line in data.get("lines", ()) if keep_line(line)]
+            if lines or not data.get("lines"):
+                printer({**data, "lines": lines}, ignore_prefix)
+        print_kept.wrapped = True
+        print_kept.__wrapped_printer__ = printer
+        worker_module.print_to_stdstream = print_kept
     return bool(found)
 
 

@@ -97,8 +97,24 @@ def test_the_driver_drops_rays_internal_preemption_watcher_line_and_keeps_every_
     err = capsys.readouterr().err
     assert mine in err and "something a user must see" in err
     assert "PreemptionWatcher" not in err
+    # Train V2's placement-group cleaner, whose thread dies where two Rays share a machine: its output goes
+    dispatcher.emit({"ip": "127.0.0.1", "localhost": "127.0.0.1", "pid": 4243, "task_name": "",
+                     "actor_name": "PlacementGroupCleaner", "is_err": True, "job": "",
+                     "lines": ["Traceback (most recent call last):", "ConnectionError: Found multiple active Ray"]})
+    # the raylet's warnings reach the driver as error messages, printed by the worker module's own function
+    import ray._private.worker as worker_module
+
+    worker_module.print_to_stdstream({"lines": [
+        "WARNING: 8 PYTHON worker processes have been started on node: 57b7 with address: 192.0.2.2, which is 4x "
+        "the maximum expected startup concurrency (2).", "a raylet warning a user must see"],
+        "pid": "raylet", "is_err": True}, ignore_prefix=False)
+    err = capsys.readouterr().err
+    assert "Found multiple active Ray" not in err and "Traceback" not in err
+    assert "a raylet warning a user must see" in err and "PYTHON worker processes" not in err
     assert filter_driver_logs()  # idempotent: a second call does not wrap twice
     assert sum(name == "ray_print_logs" for name, _ in dispatcher.handlers) == 1
+    assert getattr(worker_module.print_to_stdstream, "wrapped", False)
+    assert not getattr(getattr(worker_module.print_to_stdstream, "__wrapped_printer__", None), "wrapped", False)
 
 
 def test_the_stderr_filter_drops_the_drivers_own_core_worker_line_and_passes_everything_else():

@@ -1,8 +1,9 @@
-"""`python -m train fit|embed|probe`: what is learned from a catalog (see `--help`).
+"""`python -m train fit|embed|probe|behaviour|tune`: what is learned from a catalog (see `--help`).
 
     python -m train fit --catalog CAT --out RUN [--workers N] [--gpus-per-worker G] [--config FILE] [--epochs E] [--debug]
     python -m train embed --run RUN --catalog CAT
     python -m train probe --catalog CAT [--run RUN] [--format table|json]
+    python -m train tune --catalog CAT --out DIR [--samples N] [--resume]
 """
 
 from __future__ import annotations
@@ -95,7 +96,58 @@ def build_parser() -> Parser:
     p.add_argument("--catalog", required=True)
     p.add_argument("--probes", help=PROBES_HELP)
     p.add_argument("-v", "--verbose", action="store_true")
+    p = sub.add_parser(
+        "tune",
+        help="sweep the losses with Ray Tune (ASHA), scored by the probe's validation R²",
+        description="Sweep gamma (contrastive vs reconstruction), tau, the behavioural loss's weight, the learning "
+        "rate, the token normalization and the window with Ray Tune. Each trial is a `train fit` (Ray Train on the "
+        "Ray Data stream) into DIR/trials/<trial>; ASHA stops trials whose validation loss falls behind; a trial "
+        "that finishes is scored by the probe's validation R² of its embeddings (trees; the test split is never "
+        "used). Writes DIR/results.csv, DIR/score.png and DIR/best.json (for `train fit --config DIR/best.json`). "
+        "A killed sweep continues with --resume.",
+    )
+    p.add_argument("--catalog", required=True)
+    p.add_argument("--out", required=True, metavar="DIR", help="sweep folder (local)")
+    p.add_argument("--samples", type=int, default=8, help="trials (default 8)")
+    p.add_argument("--resume", action="store_true", help="continue the sweep in DIR (finished trials are kept, "
+                   "unfinished ones resume from their last checkpoint)")
+    p.add_argument("--flavour", choices=["debug", "small", "base"], default=None,
+                   help="what every trial trains, before the swept values (default small)")
+    p.add_argument("--debug", action="store_true", help="the debug flavour (same as --flavour debug)")
+    p.add_argument("--config", metavar="FILE", help="TOML or JSON settings over the flavour, for every trial")
+    p.add_argument("--epochs", type=int, help="epochs per trial (ASHA's longest)")
+    p.add_argument("--grace", type=int, default=1, help="epochs every trial trains before ASHA may stop it "
+                   "(default 1)")
+    p.add_argument("--concurrent", type=int, default=0, help="trials at a time (default: one per core its "
+                   "workers need)")
+    p.add_argument("-v", "--verbose", action="store_true")
     return parser
+
+
+def tune_command(args) -> int:
+    from train.config import TrainConfig
+    from train.tune import format_table, tune
+
+    base = TrainConfig.flavour("debug" if args.debug else args.flavour or "small")
+    if args.config:
+        base = TrainConfig.from_file(args.config, base=base)
+    if args.epochs is not None:
+        try:
+            base = base.replace(epochs=args.epochs)
+        except ValueError as e:
+            raise WildzooError(str(e)) from None
+    if args.concurrent < 0:
+        raise WildzooError("--concurrent must be >= 0 (0: automatic)")
+    s = tune(args.catalog, args.out, base, samples=args.samples, resume=args.resume, concurrent=args.concurrent,
+             grace=args.grace)
+    print(f"tune: {s['trials']} trial(s) in {s['seconds']:.0f}s: {s['finished']} finished and scored, {s['stopped']} "
+          f"stopped early by ASHA (on {s['metric']}), {s['failed']} failed; sorted by score (mean validation R² of "
+          f"the backbone's embeddings, trees)\n")
+    print(format_table(s["rows"]))
+    print(f"\nsaved {s['csv']}" + (f", {s['plot']}, {s['best']} (trial {s['best_trial']}); next: python -m train "
+                                   f"fit --catalog {args.catalog} --out RUN --config {s['best']}" if "best" in s else
+                                   " (no trial finished: no best config)"))
+    return 0
 
 
 def behaviour_command(args) -> int:
@@ -239,6 +291,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return probe_command(args)
     if args.command == "behaviour":
         return behaviour_command(args)
+    if args.command == "tune":
+        return tune_command(args)
     raise WildzooError(f"unknown command {args.command}")
 
 

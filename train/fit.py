@@ -139,8 +139,8 @@ def train_loop(config: dict[str, Any]) -> dict[str, Any]:
         handler = logging.StreamHandler()
         handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s", "%H:%M:%S"))
         ours.addHandler(handler)
-        ours.setLevel(logging.INFO)
         ours.propagate = False
+    ours.setLevel(logging.WARNING if config.get("quiet") else logging.INFO)
     if not config.get("verbose"):
         try:  # Ray Train logs each report with all its metrics, under a logger named by its file path
             from ray.train.v2._internal.execution import context as train_context
@@ -339,8 +339,13 @@ def training_streams(cat: Catalog, cfg: TrainConfig, train_refs: list[ModelRef],
     return datasets, {"windows_per_epoch": windows, "steps_per_epoch": steps, "val_windows": val}
 
 
-def fit(catalog: str, out: str, cfg: TrainConfig) -> dict[str, Any]:
-    """Train (or resume) the backbone on `catalog` into the run folder `out`; returns a summary."""
+def fit(catalog: str, out: str, cfg: TrainConfig, callbacks: list | None = None,
+        reconstruction: bool = True, quiet: bool = False) -> dict[str, Any]:
+    """Train (or resume) the backbone on `catalog` into the run folder `out`; returns a summary.
+
+    `callbacks`: Ray Train callbacks (`train tune` passes Tune's report callback); `reconstruction`: rebuild the
+    held-out models at the end and report the accuracy they keep; `quiet`: the workers log warnings only (a sweep
+    prints its own line per epoch and trial)."""
     from ray.train import (
         CheckpointConfig,
         FailureConfig,
@@ -393,11 +398,12 @@ def fit(catalog: str, out: str, cfg: TrainConfig) -> dict[str, Any]:
         trainer = TorchTrainer(
             train_loop,
             train_loop_config={"cfg": cfg.to_dict(), "verbose": log.isEnabledFor(logging.DEBUG), "run": run.uri,
+                               "quiet": quiet,
                                "arch_keys": keys, **stream},
             datasets=datasets, dataset_config=data_config(cfg.data_cpus),
             scaling_config=ScalingConfig(num_workers=cfg.workers, use_gpu=cfg.gpus_per_worker > 0,
                                          resources_per_worker=resources),
-            run_config=RunConfig(name=RAY_RUN_NAME, storage_path=run.storage_path,
+            run_config=RunConfig(name=RAY_RUN_NAME, storage_path=run.storage_path, callbacks=callbacks or None,
                                  failure_config=FailureConfig(max_failures=cfg.max_failures),
                                  checkpoint_config=CheckpointConfig(num_to_keep=cfg.keep_checkpoints),
                                  # Ray Train's own INFO lines repeat every metric of every report: -v shows them
@@ -420,7 +426,7 @@ def fit(catalog: str, out: str, cfg: TrainConfig) -> dict[str, Any]:
     run.write_meta(meta)
     plot_curve(run, history)
     report = None
-    if held and keys:
+    if held and keys and reconstruction:
         backbone = Backbone(cfg.model)
         backbone.load_state_dict(state["model"])
         report = reconstruction_report(backbone.eval(), cat, held, norm, archs, keys)
