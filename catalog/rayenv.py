@@ -70,9 +70,28 @@ class DataQuiet(_Drop):
 
 
 def quiet_worker_logs() -> None:
-    """Drop Ray's internal chatter (see the module docstring) from this process's log output."""
+    """Every Ray worker's setup: drop Ray's internal chatter (see the module docstring) from its log output, and
+    let Train V2's placement-group cleaner see dead controllers without the State API (`_gcs_actor_alive`)."""
     for name, texts in _DROPPED.items():
         logging.getLogger(name).addFilter(_Drop(texts))
+    try:
+        from ray.train.v2._internal.execution.controller import placement_group_cleaner
+    except ImportError:
+        return
+    placement_group_cleaner.is_actor_alive = _gcs_actor_alive
+
+
+def _gcs_actor_alive(actor_id: str, timeout: float | None = None) -> bool:
+    """Whether an actor is alive, asked of the GCS directly (as Ray's own `is_actor_alive`: an actor not found is
+    not alive). Train V2's placement-group cleaner — a detached actor that frees a fit's worker placement group
+    when its controller dies without cleaning up, as every trial that Tune's ASHA stops does — asks through the
+    State API, which a Ray without its dashboard lacks (and which cannot tell which Ray to ask where a machine runs
+    two): it logged "Failed to query" forever, the CPUs of each stopped trial's workers were never freed, and a
+    sweep on 2 cores hung once two trials had been stopped ("Cluster resources are not enough")."""
+    import ray._private.state as state
+
+    info = state.state.actor_table(actor_id)
+    return bool(info) and info.get("State") != "DEAD"
 
 
 def quiet_env() -> None:

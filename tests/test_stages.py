@@ -200,3 +200,42 @@ def test_crawl_imports_run_one_way():
 
     for m in graph:
         visit(m, [])
+
+
+@pytest.mark.ray
+def test_train_placement_group_cleaner_sees_dead_controllers_without_the_state_api(ray_session):
+    """Train V2 frees a dead controller's worker placement group through a detached cleaner that asks the State
+    API (absent without a dashboard): every worker's setup hook points it at the GCS instead, so the CPUs of a
+    trial that Tune stopped come back (a 2-core sweep hung without it)."""
+    import time
+
+    from ray.train.v2._internal.execution.controller import placement_group_cleaner
+
+    from catalog.rayenv import _gcs_actor_alive, quiet_worker_logs
+
+    @ray_session.remote(num_cpus=0)
+    class Probe:
+        def ping(self) -> int:
+            return 1
+
+    @ray_session.remote(num_cpus=0)
+    class Asker:
+        def alive(self, actor_id: str) -> bool:
+            quiet_worker_logs()  # what Ray runs first in every worker (worker_process_setup_hook)
+            from ray.train.v2._internal.execution.controller import placement_group_cleaner as cleaner
+
+            return cleaner.is_actor_alive(actor_id=actor_id, timeout=5)
+
+    probe = Probe.remote()
+    ray_session.get(probe.ping.remote())
+    asker = Asker.remote()
+    assert ray_session.get(asker.alive.remote(probe._actor_id.hex())) is True
+    ray_session.kill(probe)
+    deadline = time.time() + 30
+    while ray_session.get(asker.alive.remote(probe._actor_id.hex())) and time.time() < deadline:
+        time.sleep(0.2)
+    assert ray_session.get(asker.alive.remote(probe._actor_id.hex())) is False
+    assert _gcs_actor_alive("ff" * 16) is False  # an actor not found is not alive (as Ray's own check)
+    quiet_worker_logs()
+    assert placement_group_cleaner.is_actor_alive is _gcs_actor_alive
+    ray_session.kill(asker)

@@ -253,6 +253,7 @@ def score_plot(rows: list[dict[str, Any]]) -> bytes:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import matplotlib.ticker
 
     fig, axes = plt.subplots(2, 3, figsize=(11, 6))
     y = [r["score"] for r in rows]
@@ -266,6 +267,7 @@ def score_plot(rows: list[dict[str, Any]]) -> bytes:
             ax.scatter([float(v) for v in x], y)
             if key in LOG_SCALE:
                 ax.set_xscale("log")
+                ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
         ax.scatter([rows[0][key] if key != "norm" else sorted(set(x)).index(rows[0][key])], [y[0]], color="red",
                    label="best")
         ax.set(xlabel=key, ylabel="validation R² (mean)")
