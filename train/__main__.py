@@ -1,9 +1,10 @@
-"""`python -m train fit|embed|probe|behaviour|tune`: what is learned from a catalog (see `--help`).
+"""`python -m train fit|embed|probe|behaviour|tune|sample`: what is learned from a catalog (see `--help`).
 
     python -m train fit --catalog CAT --out RUN [--workers N] [--gpus-per-worker G] [--config FILE] [--epochs E] [--debug]
     python -m train embed --run RUN --catalog CAT
     python -m train probe --catalog CAT [--run RUN] [--format table|json]
     python -m train tune --catalog CAT --out DIR [--samples N] [--resume]
+    python -m train sample --run RUN --catalog CAT --out DIR [--anchors K | --where SQL] [--n N] [--method M,...]
 """
 
 from __future__ import annotations
@@ -121,7 +122,54 @@ def build_parser() -> Parser:
     p.add_argument("--concurrent", type=int, default=0, help="trials at a time (default: one per core its "
                    "workers need)")
     p.add_argument("-v", "--verbose", action="store_true")
+    p = sub.add_parser(
+        "sample",
+        help="generate new models from a run's latent space, with a report that they are not copies",
+        description="Encode anchor models (training models of one known architecture: the top K by a property, "
+        "or an SQL selection), sample new latents (kde: the published kernel density around the anchors; interp: "
+        "two anchors' latents interpolated; gauss: a Gaussian over whole-model latents), decode, de-normalize with "
+        "the decoded statistics, and write each sample as a Hugging Face-layout folder DIR/samples/<method>-<i> "
+        "(config.json + model.safetensors; `python -m crawl local DIR/samples` catalogs them). No fine-tuning, no "
+        "repair. DIR/report.md and report.png: accuracy on the held-out digits split and L2 distance to the nearest "
+        "training model, next to the anchors, random initializations, the best training model and anchor + noise "
+        "models of the same accuracy.",
+    )
+    p.add_argument("--run", required=True, help="a run folder of `train fit`")
+    p.add_argument("--catalog", required=True)
+    p.add_argument("--out", required=True, metavar="DIR")
+    group = p.add_mutually_exclusive_group()
+    group.add_argument("--anchors", type=int, default=10, metavar="K", help="the top K training models by "
+                       "--property (default 10)")
+    group.add_argument("--where", metavar="SQL", help="anchors by SQL: a query whose first column is model_id, or "
+                       "a condition on the models view")
+    p.add_argument("--property", default="test_acc", help="the numeric property --anchors ranks by (default test_acc)")
+    p.add_argument("--n", type=int, default=10, help="samples per method (default 10)")
+    p.add_argument("--method", default=",".join(("kde", "interp", "gauss")),
+                   help="comma-separated methods: kde, interp, gauss (default all)")
+    p.add_argument("--bandwidth", type=float, default=1.0, help="× Scott's bandwidth of kde (default 1)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("-v", "--verbose", action="store_true")
     return parser
+
+
+def sample_command(args) -> int:
+    from train.sample import sample
+
+    if args.bandwidth <= 0:
+        raise WildzooError("--bandwidth must be > 0")
+    s = sample(args.catalog, args.run, args.out, anchors=args.anchors, where=args.where, n=args.n,
+               methods=tuple(m.strip() for m in args.method.split(",") if m.strip()), prop=args.property,
+               seed=args.seed, bandwidth=args.bandwidth)
+    print(f"sample: {s['samples']} model(s) of {s['arch']} by {', '.join(s['methods'])} from {s['anchors']} anchors "
+          f"in {s['seconds']:.1f}s\n")
+    w = max(len(r["set"]) for r in s["sets"])
+    print(f"{'set'.ljust(w)}  {'n':>3}  accuracy        of anchors  x chance  nearest training model (L2)")
+    for r in s["sets"]:
+        print(f"{r['set'].ljust(w)}  {r['n']:>3}  {r['acc_mean']:.3f} ± {r['acc_sd']:.3f}  {r['of_anchors']:>10.1%}  "
+              f"{r['x_chance']:>8.1f}  {r['dist_mean']:.2f} ± {r['dist_sd']:.2f}")
+    print(f"\nsaved {s['out']}/samples/ ({s['samples']} folders), {s['out']}/report.md, {s['out']}/report.png; "
+          f"next: python -m crawl local {s['out']}/samples --catalog CAT2")
+    return 0
 
 
 def tune_command(args) -> int:
@@ -293,6 +341,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return behaviour_command(args)
     if args.command == "tune":
         return tune_command(args)
+    if args.command == "sample":
+        return sample_command(args)
     raise WildzooError(f"unknown command {args.command}")
 
 
