@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from train.config import TrainConfig
-from train.sample import METHODS, sample_latents
+from train.sample import sample_latents
 
 
 def test_the_sampling_methods_draw_on_the_anchors_they_say():
@@ -42,7 +42,7 @@ def sampled(zoo_catalog, tmp_path_factory):
     _, cat = zoo_catalog
     root = tmp_path_factory.mktemp("sample")
     fit(str(cat), str(root / "run"), TrainConfig.debug().replace(epochs=2))
-    s = sample(str(cat), str(root / "run"), str(root / "out"), anchors=6, n=4)
+    s = sample(str(cat), str(root / "run"), str(root / "out"), anchors=6, n=4, bandwidths=(0.5, 1.0))
     return cat, root, s
 
 
@@ -56,7 +56,8 @@ def test_generated_folders_load_run_and_report_their_accuracy(sampled):
     _, root, s = sampled
     out = root / "out"
     folders = sorted((out / "samples").iterdir())
-    assert [f.name for f in folders] == sorted(f"{m}-{i:03d}" for m in METHODS for i in range(4)) and s["samples"] == 12
+    labels = ["kde-0.5", "kde-1", "interp", "gauss"]
+    assert [f.name for f in folders] == sorted(f"{m}-{i:03d}" for m in labels for i in range(4)) and s["samples"] == 16
     _, _, x, y = load_digits_split()
     for f in folders:
         cfg = json.loads((f / "config.json").read_text())
@@ -68,15 +69,16 @@ def test_generated_folders_load_run_and_report_their_accuracy(sampled):
             acc = float((net(x).argmax(-1) == y).float().mean())
         assert acc == pytest.approx(props["test_acc"], abs=1e-6)  # the report's accuracy is the folder's
     sets = {r["set"]: r for r in s["sets"]}
-    assert set(sets) >= {*METHODS, "anchors", "random init", "best training model",
-                         *(f"anchor + noise ({m})" for m in METHODS)}
+    labels = ["kde×0.5", "kde×1", "interp", "gauss"]
+    assert set(sets) >= {*labels, "anchors", "random init", "best training model",
+                         *(f"anchor + noise ({m})" for m in labels)}
     assert sets["anchors"]["dist_mean"] > 0 and all(math.isfinite(r["dist_mean"]) for r in s["sets"])
     assert sets["anchors"]["of_anchors"] == pytest.approx(1.0)
     assert sets["best training model"]["acc_mean"] >= sets["anchors"]["acc_mean"] - 1e-9
-    for m in METHODS:  # the noise baseline is tuned to each method's accuracy
+    for m in labels:  # the noise baseline is tuned to each method's accuracy
         assert abs(sets[f"anchor + noise ({m})"]["acc_mean"] - sets[m]["acc_mean"]) < 0.1
     report = (out / "report.md").read_text()
-    assert "| anchors |" in report and "anchor + noise (kde)" in report and (out / "report.png").stat().st_size > 5000
+    assert "| anchors |" in report and "anchor + noise (kde×0.5)" in report and (out / "report.png").stat().st_size > 5000
 
 
 @pytest.mark.ray
@@ -90,13 +92,13 @@ def test_generated_models_crawl_back_and_are_probed(sampled, tmp_path, capsys):
     cat2 = tmp_path / "generated"
     assert crawl_cli(["local", str(root / "out" / "samples"), "--catalog", str(cat2), "--no-ray"]) == 0
     con = connect(str(cat2))
-    assert con.execute("SELECT count(*) FROM models WHERE status = 'ok'").fetchone()[0] == 12
+    assert con.execute("SELECT count(*) FROM models WHERE status = 'ok'").fetchone()[0] == 16
     accs = dict(con.execute("SELECT model_id, value FROM properties WHERE name = 'test_acc'").fetchall())
-    assert len(accs) == 12 and all(0 <= v <= 1 for v in accs.values())
+    assert len(accs) == 16 and all(0 <= v <= 1 for v in accs.values())
     from catalog.store import Catalog
 
     ids = [m for (m,) in con.execute("SELECT model_id FROM models").fetchall()]
-    assert len(model_archs(Catalog.open(str(cat2)), ids)) == 12  # recognized: behaviour fingerprints apply
+    assert len(model_archs(Catalog.open(str(cat2)), ids)) == 16  # recognized: behaviour fingerprints apply
     capsys.readouterr()
     assert train_cli(["probe", "--catalog", str(cat2), "--seeds", "1", "--out", str(tmp_path / "probe")]) == 0
     printed = capsys.readouterr().out

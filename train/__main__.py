@@ -146,7 +146,8 @@ def build_parser() -> Parser:
     p.add_argument("--n", type=int, default=10, help="samples per method (default 10)")
     p.add_argument("--method", default=",".join(("kde", "interp", "gauss")),
                    help="comma-separated methods: kde, interp, gauss (default all)")
-    p.add_argument("--bandwidth", type=float, default=1.0, help="× Scott's bandwidth of kde (default 1)")
+    p.add_argument("--bandwidth", default="0.25,0.5,1", help="kde's bandwidths, comma-separated multiples of "
+                   "Scott's; each is sampled and reported on its own (default 0.25,0.5,1)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("-v", "--verbose", action="store_true")
     return parser
@@ -155,11 +156,13 @@ def build_parser() -> Parser:
 def sample_command(args) -> int:
     from train.sample import sample
 
-    if args.bandwidth <= 0:
-        raise WildzooError("--bandwidth must be > 0")
+    try:
+        bandwidths = tuple(float(b) for b in args.bandwidth.split(",") if b.strip())
+    except ValueError:
+        raise WildzooError(f"--bandwidth: numbers separated by commas, got {args.bandwidth!r}") from None
     s = sample(args.catalog, args.run, args.out, anchors=args.anchors, where=args.where, n=args.n,
                methods=tuple(m.strip() for m in args.method.split(",") if m.strip()), prop=args.property,
-               seed=args.seed, bandwidth=args.bandwidth)
+               seed=args.seed, bandwidths=bandwidths)
     print(f"sample: {s['samples']} model(s) of {s['arch']} by {', '.join(s['methods'])} from {s['anchors']} anchors "
           f"in {s['seconds']:.1f}s\n")
     w = max(len(r["set"]) for r in s["sets"])

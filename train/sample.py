@@ -10,7 +10,9 @@ architecture's tensors and written as a Hugging Face-layout folder (`config.json
 Methods:
 - `kde` (the published one, SANE): a kernel density around the anchors' latents — an anchor picked at random
   plus Gaussian noise of Scott's bandwidth per token position (σ of the anchors' latents at that position ×
-  K^(-1/(L+4)), × `bandwidth`). It mostly returns an anchor plus noise.
+  K^(-1/(L+4)), × `bandwidth`). It mostly returns an anchor plus noise. The bandwidth trades accuracy for
+  novelty; it is not chosen on any labeled data: every bandwidth asked for (default ×0.25, ×0.5 and ×1, Scott's
+  own) is sampled and reported as a configuration of its own, `kde×b`.
 - `interp`: mixes anchors: the latents of two anchors interpolated, λ uniform in [0.25, 0.75].
 - `gauss`: a Gaussian over whole-model latents (the anchors' mean and their covariance, rank K − 1), so every
   sample draws on every anchor.
@@ -44,6 +46,7 @@ from train.data import ModelRef, Normalizer, list_models, split_models, tiled_ba
 
 log = logging.getLogger(__name__)
 METHODS = ("kde", "interp", "gauss")
+BANDWIDTHS = (0.25, 0.5, 1.0)  # kde: multiples of Scott's bandwidth, each reported on its own
 CHANCE_CLASSES = 10  # the digits
 NOISE_STEPS = 14  # bisection steps of the anchor + noise baseline
 
@@ -210,8 +213,8 @@ def write_folder(path: Path, arch: Arch, params: dict[str, torch.Tensor], props:
 
 
 def sample(catalog: str, run_uri: str, out: str, anchors: int = 10, where: str | None = None, n: int = 10,
-           methods: tuple[str, ...] = METHODS, prop: str = "test_acc", seed: int = 0, bandwidth: float = 1.0,
-           ) -> dict[str, Any]:
+           methods: tuple[str, ...] = METHODS, prop: str = "test_acc", seed: int = 0,
+           bandwidths: tuple[float, ...] = BANDWIDTHS) -> dict[str, Any]:
     """Generate `n` models per method from the anchors, write them and the report under `out`; a summary."""
     from train.config import TrainConfig
     from train.embed import load_backbone
@@ -224,6 +227,9 @@ def sample(catalog: str, run_uri: str, out: str, anchors: int = 10, where: str |
         raise WildzooError(f"--method: {', '.join(bad) or 'none given'}: choose from {', '.join(METHODS)}")
     if n < 1 or anchors < 2:
         raise WildzooError("--n must be >= 1 and --anchors >= 2")
+    if not bandwidths or min(bandwidths) <= 0:
+        raise WildzooError("--bandwidth: give one or more values > 0")
+    configs = [(f"kde×{b:g}" if m == "kde" else m, m, b) for m in methods for b in (bandwidths if m == "kde" else (1.0,))]
     cat = Catalog.open(catalog)
     run = RunDir.at(run_uri)
     model, meta = load_backbone(run)
@@ -264,7 +270,7 @@ def sample(catalog: str, run_uri: str, out: str, anchors: int = 10, where: str |
         rows: list[dict[str, Any]] = []
         sets: dict[str, dict[str, np.ndarray]] = {}
         struct = {k: v[:1] for k, v in batch.items()}  # one architecture: every anchor's window has one layout
-        for method in methods:
+        for label, method, bandwidth in configs:
             latents, used = sample_latents(z, n, method, gen, bandwidth)
             shape = {k: v.expand(n, *v.shape[1:]) for k, v in struct.items()}
             dec = model.decode(latents, shape).float()
@@ -274,17 +280,17 @@ def sample(catalog: str, run_uri: str, out: str, anchors: int = 10, where: str |
             flat = _flat(arch, params)
             acc = _accuracy(arch, flat, x_test, y_test)
             dist = nearest(flat, train_w, scale)
-            sets[method] = {"acc": acc, "dist": dist}
+            sets[label] = {"acc": acc, "dist": dist}
             for i in range(n):
-                name = f"{method}-{i:03d}"
+                name = f"{label.replace('×', '-')}-{i:03d}"
                 kind, nlin, cin, odim = key.split("/")
                 props = {"model::type": kind, "model::nlin": nlin, "model::channels_in": int(cin),
                          "model::o_dim": int(odim), "test_acc": float(acc[i]), "generated": 1,
                          "nearest_train_l2": float(dist[i])}
                 write_folder(root / "samples" / name, arch, {k: v[i] for k, v in params.items()}, props,
-                             {"wildzoo_method": method, "wildzoo_anchors": [chosen[j].model_id for j in used[i]],
+                             {"wildzoo_method": label, "wildzoo_anchors": [chosen[j].model_id for j in used[i]],
                               "wildzoo_run": meta["run_id"]})
-                rows.append({"sample": name, "method": method, "test_acc": float(acc[i]), "nearest_l2": float(dist[i]),
+                rows.append({"sample": name, "method": label, "test_acc": float(acc[i]), "nearest_l2": float(dist[i]),
                              "anchors": [chosen[j].model_id for j in used[i]]})
     anchor_acc = _accuracy(arch, anchor_w, x_test, y_test)
     sets["anchors"] = {"acc": anchor_acc,
@@ -295,16 +301,16 @@ def sample(catalog: str, run_uri: str, out: str, anchors: int = 10, where: str |
                                    "dist": nearest(train_w[best:best + 1], train_w, scale, [best])}
     sets["random init"] = random_inits(arch, key, n, seed, train_w, scale, x_test, y_test)
     noise: dict[str, float] = {}
-    for method in methods:
-        target = float(sets[method]["acc"].mean())
+    for label, _, _ in configs:
+        target = float(sets[label]["acc"].mean())
         flat, sigma = noisy_anchors(arch, anchor_w, scale, target, x_test, y_test, gen,
                                     copies=max(1, -(-n // len(chosen))))
-        noise[method] = sigma
-        sets[f"anchor + noise ({method})"] = {"acc": _accuracy(arch, flat, x_test, y_test),
+        noise[label] = sigma
+        sets[f"anchor + noise ({label})"] = {"acc": _accuracy(arch, flat, x_test, y_test),
                                               "dist": nearest(flat, train_w, scale)}
-    summary = report(root, sets, methods, key, len(chosen), len(train_arch), n, noise, meta["run_id"])
+    summary = report(root, sets, [c[0] for c in configs], key, len(chosen), len(train_arch), n, noise, meta["run_id"])
     (root / "samples.json").write_text(json.dumps(rows, indent=1) + "\n")
-    return {"samples": len(rows), "methods": list(methods), "anchors": len(chosen), "arch": key, "sets": summary,
+    return {"samples": len(rows), "methods": [c[0] for c in configs], "anchors": len(chosen), "arch": key, "sets": summary,
             "out": str(root), "seconds": time.time() - t0}
 
 
@@ -353,9 +359,10 @@ def report(root: Path, sets: dict[str, dict[str, np.ndarray]], methods, key: str
     for m in methods:
         ms = next(r for r in table if r["set"] == m)
         nz = next(r for r in table if r["set"] == f"anchor + noise ({m})")
-        verdict = ("farther from the training models than anchor + noise of the same accuracy"
-                   if ms["dist_mean"] > nz["dist_mean"] else
-                   "not farther from the training models than anchor + noise of the same accuracy")
+        gap = ms["dist_mean"] - nz["dist_mean"]
+        verdict = ("about as far from the training models as" if abs(gap) <= 0.05 * nz["dist_mean"] else
+                   "farther from the training models than" if gap > 0 else "closer to the training models than")
+        verdict += " anchor + noise of the same accuracy"
         lines.append(f"- `{m}`: {ms['acc_mean']:.3f} accuracy ({ms['of_anchors']:.1%} of the anchors', "
                      f"{ms['x_chance']:.1f}× chance), distance {ms['dist_mean']:.2f} vs {nz['dist_mean']:.2f}: {verdict}.")
     (root / "report.md").write_text("\n".join(lines) + "\n")
