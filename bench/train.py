@@ -90,7 +90,7 @@ def main() -> int:
     ap.add_argument("--peak-tflops", type=float, default=0.0, help="the GPU's bf16 peak, for MFU (cuda)")
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--data-cpus", type=float, default=1.0, help="CPU slots Ray Data gets (the fit's --data-cpus)")
-    ap.add_argument("--scale", type=int, default=4, help="the larger catalog for peak memory (default 4×)")
+    ap.add_argument("--scale", type=int, default=4, help="the larger catalog for peak memory (default 4×; 0: no memory figures)")
     ap.add_argument("--batches", type=int, default=60, help="training steps timed (default 60)")
     ap.add_argument("--stream-epochs", type=int, default=3, help="epochs of the stream drained (default 3)")
     ap.add_argument("--out", default=str(ROOT / "bench" / "out"))
@@ -172,7 +172,9 @@ def main() -> int:
     if started:
         ray.shutdown()
 
-    # 3. the trainer's peak memory: one epoch on the catalog and on one --scale times larger
+    # 3. the trainer's peak memory: one epoch on the catalog and on one --scale times larger (--scale 0: skipped)
+    if args.scale < 2:
+        return 0
     big = scaled_catalog(args.catalog, Path(args.out) / f"catalog-x{args.scale}", args.scale)
     rss = {}
     for name, path in (("default", args.catalog), (f"{args.scale}x", big)):

@@ -113,3 +113,19 @@ def test_bad_sample_arguments_are_one_line_errors(zoo_catalog, tmp_path, capsys)
                       "--method", "gan"]) != 0
     err = capsys.readouterr().err
     assert "gan" in err and "Traceback" not in err
+
+
+@pytest.mark.ray
+def test_anchors_chosen_by_sql_are_the_ones_sampled_from(sampled, tmp_path):
+    from catalog.query import connect
+    from train.sample import sample
+
+    cat, root, _ = sampled
+    where = "SELECT model_id FROM properties WHERE name = 'model::nlin' AND text = 'tanh'"
+    tanh = {m for (m,) in connect(str(cat)).execute(where).fetchall()}
+    s = sample(str(cat), str(root / "run"), str(tmp_path / "out"), where=where, n=3, methods=("kde", "interp"),
+               bandwidths=(0.5,))
+    assert s["arch"].split("/")[1] == "tanh" and s["samples"] == 6
+    for f in (tmp_path / "out" / "samples").iterdir():
+        cfg = json.loads((f / "config.json").read_text())
+        assert set(cfg["wildzoo_anchors"]) <= tanh and cfg["wildzoo"]["model::nlin"] == "tanh"

@@ -551,6 +551,25 @@ def shard_units(refs: list[ModelRef], max_tokens: int) -> list[list[ModelRef]]:
     return out
 
 
+def packed_units(refs: list[ModelRef], max_tokens: int) -> list[list[ModelRef]]:
+    """`shard_units` packed together while they fit `max_tokens`: a unit may span shards (each still read with
+    one filtered scan), so a catalog of many small shards — a crawl commits one per batch — is not read as
+    many small units (every Ray Data task costs its scheduling, however little it reads)."""
+    out: list[list[ModelRef]] = []
+    cur: list[ModelRef] = []
+    size = 0
+    for u in shard_units(refs, max_tokens):
+        n = sum(r.n_tokens for r in u)
+        if cur and size + n > max_tokens:
+            out.append(cur)
+            cur, size = [], 0
+        cur += u
+        size += n
+    if cur:
+        out.append(cur)
+    return out
+
+
 def chunks(refs: list[ModelRef], chunk_tokens: int) -> list[list[ModelRef]]:
     """Reading units of at most `chunk_tokens` tokens (or one model).
 

@@ -105,7 +105,7 @@ def embed_models(model: Backbone, cat: Catalog, refs: list[ModelRef], batch_size
 
 class Embedder:
     """A Ray Data actor (`map_batches(Embedder, compute=ActorPoolStrategy(...))`): loads the run's backbone once
-    (on the GPU where the actor has one), then embeds units of whole models of one shard (train/stream.py)."""
+    (on the GPU where the actor has one), then embeds units of whole models (train/stream.py)."""
 
     def __init__(self, catalog: str, run_uri: str, K: int, batch_size: int, threads: int = 0) -> None:
         if threads:
@@ -118,8 +118,8 @@ class Embedder:
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         ids, per_layer, means = [], [], []
-        for shard, models, layers in zip(batch["shard"], batch["model_ids"], batch["n_layers"], strict=True):
-            refs = [ModelRef(str(m), str(m), 0, str(shard)) for m in models]
+        for shards, models, layers in zip(batch["shards"], batch["model_ids"], batch["n_layers"], strict=True):
+            refs = [ModelRef(str(m), str(m), 0, str(s)) for m, s in zip(models, shards, strict=True)]
             emb, mean = embed_models(self.model, self.cat, refs, self.batch_size, self.device, self.norm,
                                      n_layers=np.asarray(layers), K=self.K, progress=False)
             ids += [r.model_id for r in refs]

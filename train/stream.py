@@ -1,7 +1,7 @@
 """Windows of weight tokens streamed by Ray Data into Ray Train workers, and embedding as batch inference.
 
-The dataset (`window_dataset`) is a small table of *units* — a few whole models of one catalog shard
-(`units`) — mapped by Ray Data tasks (`make_windows`) into window rows: each task reads the tokens of
+The dataset (`window_dataset`) is a small table of *units* — whole models, a few MB of tokens, of one or
+more catalog shards (`units`) — mapped by Ray Data tasks (`make_windows`) into window rows: each task reads the tokens of
 its unit's models from their shard (only the columns training needs, filtered on `model_id`), normalizes
 them as the run's `Normalizer` says, and cuts windows: `views` at random offsets per model for training,
 or tiling every token once (validation, embedding). A window row holds arrays (T, …) of one model and,
@@ -10,7 +10,8 @@ for a model of a permutable architecture that fits the window, its permutation p
 Why units rather than `read_parquet`'s blocks: a window must hold tokens of one model in order, and
 Parquet readers cut files into row batches without regard to models; gathering a model back from
 several blocks needs a shuffle by `model_id`. The crawl writes every model's tokens into one shard,
-so a unit of whole models of one shard is read with one filtered scan and needs no shuffle.
+so a unit of whole models is read with one filtered scan per shard it touches and needs no shuffle;
+small shards are packed into one unit, since every Ray Data task costs its scheduling.
 
 In the workers (`train.fit.train_loop`), `ray.train.get_dataset_shard("train").iter_torch_batches`
 prefetches batches while the step runs, shuffles windows in a bounded local buffer, and applies the
@@ -34,13 +35,14 @@ from typing import Any
 import numpy as np
 
 from catalog.store import Catalog
-from train.data import BatchArrays, ModelRef, Normalizer, n_windows, permute_views, read_models, shard_units
+from train.data import BatchArrays, ModelRef, Normalizer, n_windows, packed_units, permute_views, read_models
 
 log = logging.getLogger(__name__)
 def units(refs: list[ModelRef], unit_tokens: int) -> list[dict[str, Any]]:
-    """Reading units (`train.data.shard_units`) as rows {shard, model_ids, n_tokens}."""
-    return [{"shard": u[0].shard, "model_ids": [r.model_id for r in u], "n_tokens": sum(r.n_tokens for r in u)}
-            for u in shard_units(refs, unit_tokens)]
+    """Reading units (`train.data.packed_units`: whole models, possibly of several shards) as rows
+    {shards (one per model), model_ids, n_tokens}."""
+    return [{"shards": [r.shard for r in u], "model_ids": [r.model_id for r in u],
+             "n_tokens": sum(r.n_tokens for r in u)} for u in packed_units(refs, unit_tokens)]
 
 
 def window_count(refs: list[ModelRef], window: int, views: int = 1) -> int:
@@ -58,9 +60,10 @@ def make_windows(batch: dict[str, np.ndarray], catalog: str, window: int, views:
     cat = Catalog.open(catalog)
     normalizer = Normalizer.from_dict(norm)
     parts: list[BatchArrays] = []
-    for shard, ids in zip(batch["shard"], batch["model_ids"], strict=True):
+    for shards, ids in zip(batch["shards"], batch["model_ids"], strict=True):
         ids = [str(m) for m in ids]
-        tokens = read_models(cat, [ModelRef(m, m, 0, str(shard)) for m in ids], normalizer, archs)
+        tokens = read_models(cat, [ModelRef(m, m, 0, str(s)) for m, s in zip(ids, shards, strict=True)],
+                             normalizer, archs)
         if train:
             rng = np.random.default_rng()
             model, start = tokens.windows(window, rng, views)
