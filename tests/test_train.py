@@ -247,6 +247,26 @@ def test_views_permute_hidden_units_and_carry_what_rebuilding_needs(zoo_catalog)
     assert float(beh.loss(t["values"], t["values"], t)) == pytest.approx(0.0, abs=1e-6)
 
 
+def test_batched_permutation_views_equal_the_window_by_window_gather(zoo_catalog):
+    from train.data import decode_plan, permute_index, permute_views
+
+    _, tokens, _ = _zoo_tokens(zoo_catalog, 6)
+    model, start = tokens.windows(64, np.random.default_rng(0), views=3)
+    b = tokens.batch(model, start, 64)
+    b["plan"][::4] = 0  # windows without a plan stay as they are
+    got = permute_views(b, 0.7, np.random.default_rng(5))
+    rng, S = np.random.default_rng(5), b["values"].shape[-1]
+    for key in ("values", "values2"):  # the reference: one window at a time, the same random stream
+        want = b["values"].copy()
+        for w in np.flatnonzero(rng.random(len(want)) < 0.7):
+            plan = decode_plan(b["plan"][w])
+            if plan is not None:
+                tok, col = permute_index(plan, S, rng)
+                want[w, : len(tok)] = b["values"][w, tok[:, None], col]
+        np.testing.assert_array_equal(got[key], want)
+    assert not np.array_equal(got["values"], b["values"]) and np.array_equal(got["values"][::4], b["values"][::4])
+
+
 def test_behavioural_loss_reaches_the_backbone_and_weight_zero_is_the_old_loss(zoo_catalog):
     cat, tokens, beh = _zoo_tokens(zoo_catalog, 4)
     model_idx, start = tokens.windows(64, np.random.default_rng(0))
@@ -351,6 +371,7 @@ def test_debug_fit_on_two_workers_lowers_the_loss(fitted):
     losses = [h["loss"] for h in s["history"]]
     assert s["start_epoch"] == 0 and len(losses) == 2 and losses[1] < losses[0]
     assert all(math.isfinite(h["val_loss"]) for h in s["history"])
+    assert all(0 < h["val_rel_mse"] < 1.5 for h in s["history"])  # held-out error relative to predicting zeros
     meta = json.loads((run / "config.json").read_text())
     assert meta["epochs_trained"] == 2 and meta["split"]["held_out_models"] > 0
     from safetensors.torch import load_file

@@ -23,7 +23,7 @@ ROOT = Path(__file__).resolve().parent.parent
 
 def _rows() -> list[dict]:
     base = {"gamma": 0.05, "tau": 0.1, "behaviour": 0.0, "lr": 1e-3, "norm": "per-tensor", "window": 32,
-            "epochs": 2, "val_loss": 1.0, "loss": 1.1, "run": ""}
+            "epochs": 2, "val_loss": 1.0, "val_rel_mse": 0.4, "loss": 1.1, "run": ""}
     return [{**base, "trial": "a", "status": "stopped", "score": math.nan, "epochs": 1},
             {**base, "trial": "b", "status": "finished", "score": 0.31, "gamma": 0.2, "window": 64,
              "val_r2_test_acc": 0.5, "val_r2_epoch": 0.2, "val_r2_ggap": 0.23},

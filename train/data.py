@@ -375,6 +375,13 @@ def encode_plan(plan: list[Layer] | None) -> np.ndarray:
 
 
 def decode_plan(rows: np.ndarray) -> list[Layer] | None:
+    return _decode_plan(np.ascontiguousarray(rows, dtype=np.int64).tobytes())
+
+
+@functools.lru_cache(maxsize=256)
+def _decode_plan(raw: bytes) -> list[Layer] | None:
+    """A window's plan rows, decoded once per distinct plan (every window of an architecture carries the same)."""
+    rows = np.frombuffer(raw, dtype=np.int64).reshape(-1, 4)
     layers = [Layer(int(a), int(r), int(w), bool(b)) for a, r, w, b in rows if r > 0]
     return layers or None
 
@@ -382,17 +389,26 @@ def decode_plan(rows: np.ndarray) -> list[Layer] | None:
 def permute_views(arrays: BatchArrays, permute: float, rng: np.random.Generator) -> BatchArrays:
     """Adds `values2` to a batch of windows: a second view in which, with probability `permute`, the hidden units
     of each window's permutable model (its `plan`) are permuted — and `values` itself independently: the same
-    function, other weights. Only values move: a layer's tokens share their statistics and normalization."""
+    function, other weights. Only values move: a layer's tokens share their statistics and normalization.
+
+    The permutations are drawn window by window (the random stream does not depend on the batch's make-up); the
+    gathers run once per model length for the whole batch."""
     S = arrays["values"].shape[-1]
     out = dict(arrays)
     for key in ("values", "values2"):
         values = np.array(arrays["values"], copy=True)
+        by_len: dict[int, list[tuple[int, np.ndarray, np.ndarray]]] = defaultdict(list)
         for b in np.flatnonzero(rng.random(len(values)) < permute):
             plan = decode_plan(arrays["plan"][b])
             if plan is None:
                 continue
             src_tok, src_col = permute_index(plan, S, rng)
-            values[b, : len(src_tok)] = arrays["values"][b, src_tok[:, None], src_col]
+            by_len[len(src_tok)].append((int(b), src_tok, src_col))
+        for n, group in by_len.items():
+            bs = np.array([g[0] for g in group])
+            tok = np.stack([g[1] for g in group])  # (G, n)
+            col = np.stack([g[2] for g in group])  # (G, n, S)
+            values[bs, :n] = arrays["values"][bs[:, None, None], tok[:, :, None], col]
         out[key] = values
     return out
 

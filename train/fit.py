@@ -97,11 +97,12 @@ def _autocast(device: torch.device, enabled: bool):
 
 
 def validate(model: torch.nn.Module, cfg: TrainConfig, batches, device: torch.device, amp: bool,
-             behaviour=None) -> tuple[float, float]:
-    """(sum of losses, batches) over this rank's held-out windows (`batches`: its shard of the validation
-    stream), with the same augmentations every epoch so the curve compares."""
+             behaviour=None) -> tuple[float, float, float, float]:
+    """(sum of losses, batches, sum of reconstruction MSEs, sum of predict-zeros MSEs) over this rank's held-out
+    windows (`batches`: its shard of the validation stream), with the same augmentations every epoch so the curve
+    compares."""
     model.eval()
-    total, count = 0.0, 0
+    total, count, mse, zeros = 0.0, 0, 0.0, 0.0
     state = torch.random.get_rng_state()
     cuda_state = torch.cuda.get_rng_state(device) if device.type == "cuda" else None
     torch.manual_seed(cfg.seed + 12345)
@@ -110,13 +111,16 @@ def validate(model: torch.nn.Module, cfg: TrainConfig, batches, device: torch.de
     with torch.no_grad():
         for batch in batches:
             with _autocast(device, amp):
-                total += float(backbone_loss(model, batch, cfg.loss, behaviour)["loss"].detach())
+                out = backbone_loss(model, batch, cfg.loss, behaviour)
+            total += float(out["loss"].detach())
+            mse += float(out["mse"].detach())
+            zeros += float(out["zeros_mse"].detach())
             count += 1
     torch.random.set_rng_state(state)
     if cuda_state is not None:
         torch.cuda.set_rng_state(cuda_state, device)
     model.train()
-    return total, count
+    return total, count, mse, zeros
 
 
 def peak_rss_mb() -> float:
@@ -242,9 +246,12 @@ def train_loop(config: dict[str, Any]) -> dict[str, Any]:
                    "windows_per_s": _all_sum([windows], device)[0] / max(seconds, 1e-9),
                    "steps": steps, "rss_mb": _all_max(peak_rss_mb(), device)}
         if val_shard is not None:
-            vsum, vcount = _all_sum(list(validate(_unwrap(model), cfg, batches(val_shard, None, shuffle=False),
-                                                  device, amp, behaviour)), device)
+            vsum, vcount, vmse, vzeros = _all_sum(list(validate(_unwrap(model), cfg, batches(val_shard, None, shuffle=False),
+                                                                device, amp, behaviour)), device)
             metrics["val_loss"] = vsum / max(vcount, 1)
+            # the held-out reconstruction error relative to predicting zeros (1 − R²): unlike the loss, it does not
+            # depend on γ, τ or the normalization's scale, so runs of different settings compare (train tune)
+            metrics["val_rel_mse"] = vmse / vzeros if vzeros > 0 else math.nan
         history.append(metrics)
         if rank == 0:
             val = f"  val {metrics['val_loss']:.4f}" if "val_loss" in metrics else ""

@@ -119,6 +119,9 @@ def backbone_loss(model: nn.Module, batch: Batch, cfg: LossConfig, behaviour=Non
     ntx = nt_xent(proj[:B], proj[B:], cfg.tau)
     rec = mse + cfg.stats_weight * stats_mse
     out = {"mse": mse, "stats_mse": stats_mse, "ntx": ntx}
+    with torch.no_grad():  # what predicting zeros (the mean, in normalized space) would score: the scale of `mse`
+        out["zeros_mse"] = masked_mse(torch.zeros_like(target[..., :S]), target[..., :S], mask[..., :S], both["l"],
+                                      cfg.norm)
     if predicted is not None and behaviour is None:
         raise ValueError("a backbone with a behaviour head needs the behaviour of its windows (train.behaviour)")
     rebuild = behaviour is not None and cfg.behaviour > 0

@@ -2,7 +2,8 @@
 
 Each trial is a driver function that runs `train fit` (train/fit.py: a `TorchTrainer` on the Ray Data window
 stream) with Ray Train's `TuneReportCallback`, so every epoch's metrics reach Tune and ASHA stops the
-trials whose validation loss falls behind. A trial that trains all its epochs is then scored by the probe's
+trials whose validation loss falls behind — the held-out reconstruction error relative to predicting zeros
+(`val_rel_mse`, 1 − R²), since the total loss's scale changes with γ, τ and the normalization. A trial that trains all its epochs is then scored by the probe's
 **validation** R²: its backbone embeds the probed models (train/embed.py) and gradient-boosted trees trained on
 the probe split's train side predict test accuracy, epoch and generalization gap on its validation side; the
 score is their mean. The test split is never looked at (and its models are held out of every trial's fit).
@@ -110,7 +111,8 @@ def run_trial(config: dict[str, Any]) -> None:
     last = s["history"][-1] if s["history"] else {}
     scores = validation_score(config["catalog"], run, cfg.split_seed)
     ray.tune.report({"epoch": s["epochs"], "loss": last.get("loss", math.nan),
-                     "val_loss": last.get("val_loss", last.get("loss", math.nan)), "run": run, **scores})
+                     "val_loss": last.get("val_loss", last.get("loss", math.nan)),
+                     "val_rel_mse": last.get("val_rel_mse", math.nan), "run": run, **scores})
 
 
 class Progress(Callback):
@@ -124,7 +126,8 @@ class Progress(Callback):
             log.info("trial %s scored %.4f (validation R², mean of %s)", trial.trial_id, result["score"],
                      ", ".join(k[len("val_r2_"):] for k in result if k.startswith("val_r2_")))
         elif "epoch" in result:
-            log.info("trial %s epoch %d/%d: val loss %.4f", trial.trial_id, int(result["epoch"]), self.epochs,
+            log.info("trial %s epoch %d/%d: held-out reconstruction error %.4f of predicting zeros (val loss %.4f)",
+                     trial.trial_id, int(result["epoch"]), self.epochs, result.get("val_rel_mse", math.nan),
                      result.get("val_loss", result.get("loss", math.nan)))
 
     def on_trial_complete(self, iteration, trials, trial, **info) -> None:
@@ -163,7 +166,9 @@ def tune(catalog: str, out: str, base: TrainConfig, samples: int = 8, resume: bo
         raise WildzooError(f"{root} holds a sweep already: add --resume to continue it, or use a new --out")
     per_trial = _resources_per_trial(base)
     concurrent = concurrent or max(1, (os.cpu_count() or 1) // max(1, base.workers * base.cpus_per_worker))
-    metric = "val_loss" if base.holdout and base.val_batches else "loss"
+    # ASHA compares trials of different γ, τ and normalization: their losses are on different scales (a sweep
+    # stopped every per-layer trial after one epoch on val_loss), the relative held-out reconstruction error is not
+    metric = "val_rel_mse" if base.holdout and base.val_batches else "loss"
     catalog_id = cat.uri if "://" in cat.uri else cat.root
     root.mkdir(parents=True, exist_ok=True)
     param_space = {"base": base.to_dict(), "catalog": catalog_id, "dir": str(root), **search_space(base)}
@@ -208,11 +213,12 @@ def results_rows(grid) -> list[dict[str, Any]]:
         row = {"trial": m.get("trial_id") or (Path(result.path).name if result.path else "?"),
                "status": status, "score": m.get("score", math.nan),
                **{k: cfg.get(k) for k in SWEPT}, "epochs": m.get("epoch", 0),
-               "val_loss": m.get("val_loss", math.nan), "loss": m.get("loss", math.nan),
+               "val_rel_mse": m.get("val_rel_mse", math.nan), "val_loss": m.get("val_loss", math.nan),
+               "loss": m.get("loss", math.nan),
                **{k: v for k, v in m.items() if k.startswith("val_r2_")}, "run": m.get("run", "")}
         rows.append(row)
     rows.sort(key=lambda r: (-(r["score"] if np.isfinite(r["score"]) else -math.inf),
-                             r["val_loss"] if np.isfinite(r["val_loss"]) else math.inf))
+                             r["val_rel_mse"] if np.isfinite(r["val_rel_mse"]) else math.inf))
     return rows
 
 
@@ -282,11 +288,11 @@ def score_plot(rows: list[dict[str, Any]]) -> bytes:
 
 def format_table(rows: list[dict[str, Any]]) -> str:
     """The results, sorted by score, as a text table."""
-    head = ["trial", "status", "score", "epochs", "val_loss", "gamma", "tau", "behaviour", "lr", "norm", "window"]
+    head = ["trial", "status", "score", "epochs", "val_rel_mse", "gamma", "tau", "behaviour", "lr", "norm", "window"]
     lines = [head]
     for r in rows:
         lines.append([str(r["trial"]), r["status"], f"{r['score']:.4f}" if np.isfinite(r["score"]) else "-",
-                      str(int(r["epochs"] or 0)), f"{r['val_loss']:.4f}" if np.isfinite(r["val_loss"]) else "-",
+                      str(int(r["epochs"] or 0)), f"{r['val_rel_mse']:.4f}" if np.isfinite(r["val_rel_mse"]) else "-",
                       f"{r['gamma']:.3g}", f"{r['tau']:.3g}", f"{r['behaviour']:g}", f"{r['lr']:.2e}", r["norm"],
                       str(r["window"])])
     widths = [max(len(line[i]) for line in lines) for i in range(len(head))]
