@@ -9,7 +9,7 @@ on how windows fall into batches. The table `embeddings/<run_id>.parquet` (model
 embedding_mean, epoch, created_at) is written whole under a temporary name and renamed, replacing an
 older embedding by the same run; it joins `models` on model_id in SQL.
 
-The job is Ray Data batch inference (`embed_stream`): units of whole models of one shard (train/stream.py)
+The job is Ray Data batch inference (`embed_stream`): units of whole models (train/stream.py)
 mapped by a pool of actors that each load the backbone once (on a GPU where the cluster has them);
 `embed_models` is the same computation in one process, which the pool's rows equal.
 """
