@@ -110,8 +110,8 @@ def build_parser() -> Parser:
     p.add_argument("--catalog", required=True)
     p.add_argument("--out", required=True, metavar="DIR", help="sweep folder (local)")
     p.add_argument("--samples", type=int, default=8, help="trials (default 8)")
-    p.add_argument("--resume", action="store_true", help="continue the sweep in DIR (finished trials are kept, "
-                   "unfinished ones resume from their last checkpoint)")
+    p.add_argument("--resume", action="store_true", help="continue the sweep in DIR with the settings it was started "
+                   "with (finished trials are kept, unfinished ones resume from their last checkpoint)")
     p.add_argument("--flavour", choices=["debug", "small", "base"], default=None,
                    help="what every trial trains, before the swept values (default small)")
     p.add_argument("--debug", action="store_true", help="the debug flavour (same as --flavour debug)")

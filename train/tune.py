@@ -192,9 +192,14 @@ def tune(catalog: str, out: str, base: TrainConfig, samples: int = 8, resume: bo
                                           max_concurrent_trials=concurrent),
                 run_config=rt.RunConfig(name=EXPERIMENT, storage_path=str(root), verbose=0,
                                         callbacks=[Progress(samples, base.epochs)]))
-        log.info("sweep of %d trial(s), %d at a time, %d epoch(s) each, ASHA on %s (grace %d epoch(s)) -> %s",
-                 samples, concurrent, base.epochs, metric, grace, root)
+            log.info("sweep of %d trial(s), %d at a time, %d epoch(s) each, ASHA on %s (grace %d epoch(s)) -> %s",
+                     samples, concurrent, base.epochs, metric, grace, root)
         grid = tuner.fit()
+    # a resumed sweep keeps the settings it was started with, whatever this command line says
+    started = [r.config["base"] for r in grid if r.config and "base" in r.config]
+    if started:
+        base = TrainConfig.from_dict(started[0])
+        metric = "val_rel_mse" if base.holdout and base.val_batches else "loss"
     rows = results_rows(grid)
     written = write_results(root, rows, base)
     return {"trials": len(rows), "finished": sum(1 for r in rows if r["status"] == "finished"),
