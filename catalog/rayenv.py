@@ -115,15 +115,16 @@ def filter_driver_logs() -> bool:
     except ImportError:
         return False
 
-    def wrap(handler):
-        def filtered(data):
+    def wrap(printer):  # the dispatcher's handlers take (data), the module's printer (data, ignore_prefix=…)
+        def kept(data, *args, **kwargs):
             if data.get("actor_name") in _QUIET_ACTORS:
                 return
             lines = [line for line in data.get("lines", ()) if keep_line(line)]
             if lines or not data.get("lines"):
-                handler({**data, "lines": lines})
-        filtered.wrapped = True
-        return filtered
+                printer({**data, "lines": lines}, *args, **kwargs)
+        kept.wrapped = True
+        kept.__wrapped_printer__ = printer
+        return kept
 
     with dispatcher._lock:
         found = [(name, h) for name, h in dispatcher.handlers if name == "ray_print_logs"]
@@ -134,13 +135,7 @@ def filter_driver_logs() -> bool:
 
     printer = getattr(worker_module, "print_to_stdstream", None)
     if printer is not None and not getattr(printer, "wrapped", False):
-        def print_kept(data, ignore_prefix):
-            lines = [line for line in data.get("lines", ()) if keep_line(line)]
-            if lines or not data.get("lines"):
-                printer({**data, "lines": lines}, ignore_prefix)
-        print_kept.wrapped = True
-        print_kept.__wrapped_printer__ = printer
-        worker_module.print_to_stdstream = print_kept
+        worker_module.print_to_stdstream = wrap(printer)
     return bool(found)
 
 

@@ -26,6 +26,33 @@ PROBES_HELP = ("images as an .npy array (N, H, W) or (N, C, H, W), read without 
                "fingerprints in place of the built-in data set")
 
 
+def add_config_args(p, epochs_help: str, what: str = "") -> None:
+    """--config, --flavour, --debug and --epochs: what a fit trains (or, with `what` said, every trial of a sweep)."""
+    from train.config import FLAVOURS
+
+    p.add_argument("--config", metavar="FILE", help="TOML or JSON settings over the flavour (see train/config.py)"
+                   + what)
+    p.add_argument("--flavour", choices=FLAVOURS, default=None,
+                   help="debug: a tiny backbone, 2 epochs, seconds on a CPU; small (default): minutes on 2 cores for "
+                   "~1,000 small checkpoints; base: SANE's CNN-zoo size, for GPUs" + what)
+    p.add_argument("--debug", action="store_true", help="the debug flavour (same as --flavour debug)")
+    p.add_argument("--epochs", type=int, help=epochs_help)
+
+
+def config_from_args(args, **flags):
+    """The TrainConfig of `add_config_args`' options (flavour, then --config, then --epochs) and `flags` (None:
+    left as they are); a bad value is a one-line error."""
+    from train.config import TrainConfig
+
+    cfg = TrainConfig.flavour("debug" if args.debug else args.flavour or "small")
+    if args.config:
+        cfg = TrainConfig.from_file(args.config, base=cfg)
+    try:
+        return cfg.replace(**{k: v for k, v in {"epochs": args.epochs, **flags}.items() if v is not None})
+    except ValueError as e:
+        raise WildzooError(str(e)) from None
+
+
 def build_parser() -> Parser:
     parser = Parser(prog="python -m train", description="Train, evaluate and use weight-space backbones.")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=Parser)
@@ -40,12 +67,7 @@ def build_parser() -> Parser:
     )
     p.add_argument("--catalog", required=True, help="catalog folder or s3://bucket/prefix")
     p.add_argument("--out", required=True, metavar="RUN", help="run folder (or s3://…) for checkpoints and the model")
-    p.add_argument("--config", metavar="FILE", help="TOML or JSON settings over the defaults (see train/config.py)")
-    p.add_argument("--flavour", choices=["debug", "small", "base"], default=None,
-                   help="debug: a tiny backbone, 2 epochs, seconds on a CPU; small (default): minutes on 2 cores for "
-                   "~1,000 small checkpoints; base: SANE's CNN-zoo size, for GPUs")
-    p.add_argument("--debug", action="store_true", help="the debug flavour (same as --flavour debug)")
-    p.add_argument("--epochs", type=int, help="epochs in all (a rerun with more continues the run)")
+    add_config_args(p, "epochs in all (a rerun with more continues the run)")
     p.add_argument("--workers", type=int, help="Ray Train workers (default 1)")
     p.add_argument("--gpus-per-worker", type=float, help="GPUs per worker (default 0: CPU, gloo)")
     p.add_argument("--cpus-per-worker", type=int, help="CPUs (threads) per worker (default 1)")
@@ -112,11 +134,7 @@ def build_parser() -> Parser:
     p.add_argument("--samples", type=int, default=8, help="trials (default 8)")
     p.add_argument("--resume", action="store_true", help="continue the sweep in DIR with the settings it was started "
                    "with (finished trials are kept, unfinished ones resume from their last checkpoint)")
-    p.add_argument("--flavour", choices=["debug", "small", "base"], default=None,
-                   help="what every trial trains, before the swept values (default small)")
-    p.add_argument("--debug", action="store_true", help="the debug flavour (same as --flavour debug)")
-    p.add_argument("--config", metavar="FILE", help="TOML or JSON settings over the flavour, for every trial")
-    p.add_argument("--epochs", type=int, help="epochs per trial (ASHA's longest)")
+    add_config_args(p, "epochs per trial (ASHA's longest)", " (what every trial trains, before the swept values)")
     p.add_argument("--grace", type=int, default=1, help="epochs every trial trains before ASHA may stop it "
                    "(default 1)")
     p.add_argument("--concurrent", type=int, default=0, help="trials at a time (default: one per core its "
@@ -176,17 +194,9 @@ def sample_command(args) -> int:
 
 
 def tune_command(args) -> int:
-    from train.config import TrainConfig
     from train.tune import format_table, tune
 
-    base = TrainConfig.flavour("debug" if args.debug else args.flavour or "small")
-    if args.config:
-        base = TrainConfig.from_file(args.config, base=base)
-    if args.epochs is not None:
-        try:
-            base = base.replace(epochs=args.epochs)
-        except ValueError as e:
-            raise WildzooError(str(e)) from None
+    base = config_from_args(args)
     if args.concurrent < 0:
         raise WildzooError("--concurrent must be >= 0 (0: automatic)")
     s = tune(args.catalog, args.out, base, samples=args.samples, resume=args.resume, concurrent=args.concurrent,
@@ -281,20 +291,11 @@ def reconstruction_line(rec: dict) -> str:
 
 
 def fit_command(args) -> int:
-    from train.config import TrainConfig
     from train.fit import fit
 
-    cfg = TrainConfig.flavour("debug" if args.debug else args.flavour or "small")
-    if args.config:
-        cfg = TrainConfig.from_file(args.config, base=cfg)
-    flags = {"epochs": args.epochs, "workers": args.workers, "gpus_per_worker": args.gpus_per_worker,
-             "cpus_per_worker": args.cpus_per_worker, "data_cpus": args.data_cpus}
-    if args.worker_resources:
-        flags["worker_resources"] = args.worker_resources
-    try:
-        cfg = cfg.replace(**{k: v for k, v in flags.items() if v is not None})
-    except ValueError as e:
-        raise WildzooError(str(e)) from None
+    cfg = config_from_args(args, workers=args.workers, gpus_per_worker=args.gpus_per_worker,
+                           cpus_per_worker=args.cpus_per_worker, data_cpus=args.data_cpus,
+                           worker_resources=args.worker_resources or None)
     s = fit(args.catalog, args.out, cfg)
     h = s["history"]
     trained = s["epochs"] - s["start_epoch"]

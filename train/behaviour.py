@@ -36,14 +36,18 @@ N_QUERY = 128
 KINDS = {"CNN": ("CNN", "CNN-s"), "MLP": ("MLP",), "CNN-s": ("CNN-s",)}  # `model::type` -> candidate networks
 
 
+def arch_properties(key: str) -> dict[str, str | int]:
+    """The zoo properties (ARCH_KEYS) an architecture key `kind/nlin/channels_in/o_dim` stands for."""
+    kind, nlin, cin, odim = key.split("/")
+    return {"model::type": kind, "model::nlin": nlin, "model::channels_in": int(cin), "model::o_dim": int(odim)}
+
+
 @functools.lru_cache(maxsize=64)
 def canonical_net(key: str) -> torch.nn.Module:
     """The canonical network of an architecture key `kind/nlin/channels_in/o_dim` (no dropout, eval mode)."""
     from zoo.models import build_model
 
-    kind, nlin, cin, odim = key.split("/")
-    net = build_model({"model::type": kind, "model::nlin": nlin, "model::channels_in": int(cin),
-                       "model::o_dim": int(odim), "model::dropout": 0.0, "model::init_type": "kaiming_uniform"})
+    net = build_model({**arch_properties(key), "model::dropout": 0.0, "model::init_type": "kaiming_uniform"})
     return net.eval().requires_grad_(False)
 
 

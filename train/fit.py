@@ -111,7 +111,7 @@ def validate(model: torch.nn.Module, cfg: TrainConfig, batches, device: torch.de
     with torch.no_grad():
         for batch in batches:
             with _autocast(device, amp):
-                out = backbone_loss(model, batch, cfg.loss, behaviour)
+                out = backbone_loss(model, batch, cfg.loss, behaviour, zeros=True)
             total += float(out["loss"].detach())
             mse += float(out["mse"].detach())
             zeros += float(out["zeros_mse"].detach())

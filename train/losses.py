@@ -96,9 +96,11 @@ class LossConfig:
     behaviour_head: float = 1.0  # weight of the behaviour head's loss, where the backbone has one
 
 
-def backbone_loss(model: nn.Module, batch: Batch, cfg: LossConfig, behaviour=None) -> dict[str, Tensor]:
+def backbone_loss(model: nn.Module, batch: Batch, cfg: LossConfig, behaviour=None,
+                  zeros: bool = False) -> dict[str, Tensor]:
     """Total, reconstruction, contrastive (and, with `behaviour` and a weight > 0, behavioural) loss of one
-    batch of windows: γ·NT-Xent + (1 − γ)·(MSE + stats_weight·stats MSE + behaviour·behavioural).
+    batch of windows: γ·NT-Xent + (1 − γ)·(MSE + stats_weight·stats MSE + behaviour·behavioural); with `zeros`
+    (validation), also `zeros_mse`, the MSE of predicting zeros on the same entries (not on the training path).
 
     Both views go through the model in one forward call of batch 2B (DDP wants one forward per
     backward); each view is asked to reconstruct the clean window.
@@ -119,9 +121,10 @@ def backbone_loss(model: nn.Module, batch: Batch, cfg: LossConfig, behaviour=Non
     ntx = nt_xent(proj[:B], proj[B:], cfg.tau)
     rec = mse + cfg.stats_weight * stats_mse
     out = {"mse": mse, "stats_mse": stats_mse, "ntx": ntx}
-    with torch.no_grad():  # what predicting zeros (the mean, in normalized space) would score: the scale of `mse`
-        out["zeros_mse"] = masked_mse(torch.zeros_like(target[..., :S]), target[..., :S], mask[..., :S], both["l"],
-                                      cfg.norm)
+    if zeros:
+        with torch.no_grad():  # what predicting zeros (the mean, in normalized space) scores: the scale of `mse`
+            out["zeros_mse"] = masked_mse(torch.zeros_like(target[..., :S]), target[..., :S], mask[..., :S],
+                                          both["l"], cfg.norm)
     if predicted is not None and behaviour is None:
         raise ValueError("a backbone with a behaviour head needs the behaviour of its windows (train.behaviour)")
     rebuild = behaviour is not None and cfg.behaviour > 0

@@ -41,7 +41,15 @@ import torch
 from catalog.errors import WildzooError
 from catalog.query import connect
 from catalog.store import Catalog
-from train.behaviour import Arch, build_arch, decoded_scale, denormalize, input_shape, model_archs
+from train.behaviour import (
+    Arch,
+    arch_properties,
+    build_arch,
+    decoded_scale,
+    denormalize,
+    input_shape,
+    model_archs,
+)
 from train.data import ModelRef, Normalizer, list_models, split_models, tiled_batches
 
 log = logging.getLogger(__name__)
@@ -124,15 +132,11 @@ def _unflat(arch: Arch, flat: torch.Tensor) -> dict[str, torch.Tensor]:
 
 
 def _accuracy(arch: Arch, flat: torch.Tensor, x: torch.Tensor, y: torch.Tensor, chunk: int = 256) -> np.ndarray:
-    """Test accuracy (G,) of G models given as flat parameters (G, P)."""
-    def run(p):
-        return torch.func.functional_call(arch.net, p, (x,))
+    """Test accuracy (G,) of G models given as flat parameters (G, P), run vmapped (`train.fingerprint._run`)."""
+    from train.fingerprint import _run
 
-    accs = []
-    with torch.no_grad():
-        for b in range(0, len(flat), chunk):
-            logits = torch.func.vmap(run)(_unflat(arch, flat[b: b + chunk]))
-            accs.append((torch.nan_to_num(logits).argmax(-1) == y).float().mean(-1))
+    accs = [(torch.nan_to_num(_run(arch.net, _unflat(arch, flat[b: b + chunk]), x)).argmax(-1) == y).float().mean(-1)
+            for b in range(0, len(flat), chunk)]
     return torch.cat(accs).numpy() if accs else np.zeros(0)
 
 
@@ -201,7 +205,7 @@ def write_folder(path: Path, arch: Arch, params: dict[str, torch.Tensor], props:
     tmp.mkdir(parents=True, exist_ok=True)
     state = {k: params[k].detach().contiguous().clone() for k in arch.net.state_dict()}
     save_file(state, str(tmp / "model.safetensors"), metadata={"format": "pt"})
-    kind = arch.key.split("/")[0]
+    kind = str(arch_properties(arch.key)["model::type"])
     cfg = {"architectures": [f"WildzooZoo{kind.replace('-', '')}"], "model_type": "wildzoo-zoo",
            "wildzoo": props, **extra}
     (tmp / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")
@@ -283,9 +287,7 @@ def sample(catalog: str, run_uri: str, out: str, anchors: int = 10, where: str |
             sets[label] = {"acc": acc, "dist": dist}
             for i in range(n):
                 name = f"{label.replace('×', '-')}-{i:03d}"
-                kind, nlin, cin, odim = key.split("/")
-                props = {"model::type": kind, "model::nlin": nlin, "model::channels_in": int(cin),
-                         "model::o_dim": int(odim), "test_acc": float(acc[i]), "generated": 1,
+                props = {**arch_properties(key), "test_acc": float(acc[i]), "generated": 1,
                          "nearest_train_l2": float(dist[i])}
                 write_folder(root / "samples" / name, arch, {k: v[i] for k, v in params.items()}, props,
                              {"wildzoo_method": label, "wildzoo_anchors": [chosen[j].model_id for j in used[i]],
@@ -319,12 +321,10 @@ def random_inits(arch: Arch, key: str, n: int, seed: int, train_w, scale, x, y) 
     from zoo.grid import INIT_TYPES
     from zoo.models import build_model
 
-    kind, nlin, cin, odim = key.split("/")
     flats = []
     for i in range(n):
         torch.manual_seed(seed * 7919 + i)
-        net = build_model({"model::type": kind, "model::nlin": nlin, "model::channels_in": int(cin),
-                           "model::o_dim": int(odim), "model::dropout": 0.0,
+        net = build_model({**arch_properties(key), "model::dropout": 0.0,
                            "model::init_type": INIT_TYPES[i % len(INIT_TYPES)]})
         flats.append(torch.cat([v.detach().reshape(-1).float() for v in net.state_dict().values()]))
     flat = torch.stack(flats)

@@ -30,11 +30,12 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from pyarrow.fs import LocalFileSystem
 from ray.tune import Callback
 
 from catalog.errors import WildzooError
 from catalog.rayenv import ray_session
-from catalog.store import Catalog
+from catalog.store import Catalog, atomic_write
 from train.config import NORMS, TrainConfig
 
 log = logging.getLogger(__name__)
@@ -139,6 +140,13 @@ class Progress(Callback):
         log.warning("trial %s failed (%d of %d): see %s", trial.trial_id, self.done, self.total, trial.path)
 
 
+def asha_metric(base: TrainConfig) -> str:
+    """What ASHA ranks trials by: trials of different γ, τ and normalization have losses on different scales (a
+    sweep on val_loss stopped every per-layer trial after one epoch); the held-out reconstruction error relative
+    to predicting zeros is not. `loss` where nothing is held out."""
+    return "val_rel_mse" if base.holdout and base.val_batches else "loss"
+
+
 def _resources_per_trial(cfg: TrainConfig) -> float:
     return cfg.workers * cfg.cpus_per_worker + math.ceil(cfg.data_cpus)
 
@@ -166,9 +174,7 @@ def tune(catalog: str, out: str, base: TrainConfig, samples: int = 8, resume: bo
         raise WildzooError(f"{root} holds a sweep already: add --resume to continue it, or use a new --out")
     per_trial = _resources_per_trial(base)
     concurrent = concurrent or max(1, (os.cpu_count() or 1) // max(1, base.workers * base.cpus_per_worker))
-    # ASHA compares trials of different γ, τ and normalization: their losses are on different scales (a sweep
-    # stopped every per-layer trial after one epoch on val_loss), the relative held-out reconstruction error is not
-    metric = "val_rel_mse" if base.holdout and base.val_batches else "loss"
+    metric = asha_metric(base)
     catalog_id = cat.uri if "://" in cat.uri else cat.root
     root.mkdir(parents=True, exist_ok=True)
     param_space = {"base": base.to_dict(), "catalog": catalog_id, "dir": str(root), **search_space(base)}
@@ -199,7 +205,7 @@ def tune(catalog: str, out: str, base: TrainConfig, samples: int = 8, resume: bo
     started = [r.config["base"] for r in grid if r.config and "base" in r.config]
     if started:
         base = TrainConfig.from_dict(started[0])
-        metric = "val_rel_mse" if base.holdout and base.val_batches else "loss"
+        metric = asha_metric(base)
     rows = results_rows(grid)
     written = write_results(root, rows, base)
     return {"trials": len(rows), "finished": sum(1 for r in rows if r["status"] == "finished"),
@@ -251,10 +257,8 @@ def write_results(root: Path, rows: list[dict[str, Any]], base: TrainConfig) -> 
 
 
 def _write(path: Path, data: bytes) -> str:
-    """Write a file whole (a temporary name, then a rename): a crash leaves the old file or the new one."""
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
+    """Write a file whole (`catalog.store.atomic_write`): a crash leaves the old file or the new one."""
+    atomic_write(LocalFileSystem(), str(path), data)
     return str(path)
 
 
