@@ -4,8 +4,10 @@
 actor that every worker reaches by name; with `--no-ray` it lives in the process. Callers never block
 inside it: `reserve` answers how long to wait, and the caller sleeps.
 
-- Request budget: one token bucket per kind of request (`api`, `resolve`) holding the number allowed per
-  window (the Hub counts per 5 minutes), refilled continuously. A 429 pauses every worker for that kind.
+- Request budget: per kind of request (`api`, `resolve`), at most the number allowed in any window of the
+  Hub's length (it counts per 5 minutes, in fixed windows): a sliding window over the moments requests were
+  let go, so no fixed window can see more, whichever moment it starts at; a full budget is spent at once and
+  then one request per request that leaves the window. A 429 pauses every worker for that kind.
 - Download slots: at most `max_downloads` weight downloads in flight across all workers.
 - Content hashes: of the models with the same weight files, the one that ranks first (`canonical_rank`:
   most downloads, then the smallest model id) is the canonical copy, whatever the order they arrive in.
@@ -18,6 +20,7 @@ from __future__ import annotations
 
 import threading
 import time
+from collections import deque
 from dataclasses import dataclass, field
 
 WINDOW_S = 300.0  # the Hub's rate-limit window
@@ -32,38 +35,41 @@ def canonical_rank(downloads: int | None, model_id: str) -> tuple[int, str]:
     return (-(downloads or 0), model_id)
 
 
-@dataclass
-class TokenBucket:
-    """`capacity` requests per `window_s`, refilled continuously; tokens may go negative (reservations)."""
+def slack_s(window_s: float) -> float:
+    """Margin added to the window: a request let go at t may reach the Hub a little after an earlier one was
+    delayed (a busy worker, a new connection); 2% of the window, at most 1 s."""
+    return min(1.0, 0.02 * window_s)
 
-    capacity: float
+
+@dataclass
+class SlidingWindow:
+    """At most `capacity` requests let go in any `window_s` (+ `slack_s`) seconds; `reserve` gives each request
+    the moment it may be sent, in order."""
+
+    capacity: int
     window_s: float = WINDOW_S
-    tokens: float = field(default=-1.0)
-    stamp: float = field(default_factory=time.monotonic)
+    let_go: deque = field(default_factory=deque)  # the moments of the last `capacity` requests, ascending
 
     def __post_init__(self) -> None:
-        if self.capacity <= 0:
+        if self.capacity < 1:
             raise ValueError("a request budget must allow at least one request per window")
-        if self.tokens < 0:
-            self.tokens = float(self.capacity)
+        self.capacity = int(self.capacity)
 
-    @property
-    def rate(self) -> float:
-        return self.capacity / self.window_s
-
-    def reserve(self, now: float) -> float:
-        """Take one token; returns the seconds until it is actually available (0 if now)."""
-        self.tokens = min(self.capacity, self.tokens + (now - self.stamp) * self.rate)
-        self.stamp = now
-        self.tokens -= 1
-        return 0.0 if self.tokens >= 0 else -self.tokens / self.rate
+    def reserve(self, now: float, not_before: float = 0.0) -> float:
+        """Take the next place (not before `not_before`: a pause); returns the seconds until it may be sent."""
+        at = max(now, not_before)
+        if len(self.let_go) >= self.capacity:  # the request `capacity` places back must have left the window
+            at = max(at, self.let_go[0] + self.window_s + slack_s(self.window_s))
+            self.let_go.popleft()
+        self.let_go.append(at)
+        return at - now
 
 
 class Coordinator:
     """Budget, download slots and the content-hash registry of one crawl (see the module docstring)."""
 
     def __init__(self, per_window: dict[str, int], max_downloads: int = 4, window_s: float = WINDOW_S) -> None:
-        self.buckets = {k: TokenBucket(float(per_window[k]), window_s) for k in KINDS}
+        self.windows = {k: SlidingWindow(per_window[k], window_s) for k in KINDS}
         self.paused_until = dict.fromkeys(KINDS, 0.0)
         self.max_downloads = max(1, int(max_downloads))
         self.slots: dict[str, float] = {}
@@ -79,7 +85,7 @@ class Coordinator:
         """Count one request of `kind`; returns how many seconds the caller must wait before sending it."""
         with self._lock:
             now = time.monotonic()
-            wait = max(self.buckets[kind].reserve(now), self.paused_until[kind] - now)
+            wait = self.windows[kind].reserve(now, self.paused_until[kind])
             self.counts[kind] += 1
             self.waited_s += max(0.0, wait)
             return max(0.0, wait)
@@ -173,20 +179,22 @@ class Handle:
 
 _LOCAL: dict[str, Coordinator] = {}
 _HANDLES: dict[str, Handle] = {}
+_CONNECT = threading.Lock()  # one handle per name, whichever of a worker's threads asks first
 
 
-def start(name: str, per_window: dict[str, int], max_downloads: int, use_ray: bool) -> Handle:
+def start(name: str, per_window: dict[str, int], max_downloads: int, use_ray: bool,
+          window_s: float = WINDOW_S) -> Handle:
     """Create the crawl's coordinator: a named Ray actor (Ray must be initialized) or an in-process one."""
     if use_ray:
         import ray
 
         actor_cls = ray.remote(num_cpus=0, max_concurrency=64)(Coordinator)
         actor = actor_cls.options(name=name, namespace=NAMESPACE, get_if_exists=True).remote(
-            per_window, max_downloads
+            per_window, max_downloads, window_s
         )
         handle = Handle(actor, remote=True)
     else:
-        _LOCAL[name] = Coordinator(per_window, max_downloads)
+        _LOCAL[name] = Coordinator(per_window, max_downloads, window_s)
         handle = Handle(_LOCAL[name], remote=False)
     _HANDLES[name] = handle
     return handle
@@ -194,14 +202,15 @@ def start(name: str, per_window: dict[str, int], max_downloads: int, use_ray: bo
 
 def connect(name: str) -> Handle:
     """The coordinator called `name`: in this process if it lives here, else the Ray actor."""
-    if name not in _HANDLES:
-        if name in _LOCAL:
-            _HANDLES[name] = Handle(_LOCAL[name], remote=False)
-        else:
-            import ray
+    with _CONNECT:
+        if name not in _HANDLES:
+            if name in _LOCAL:
+                _HANDLES[name] = Handle(_LOCAL[name], remote=False)
+            else:
+                import ray
 
-            _HANDLES[name] = Handle(ray.get_actor(name, namespace=NAMESPACE), remote=True)
-    return _HANDLES[name]
+                _HANDLES[name] = Handle(ray.get_actor(name, namespace=NAMESPACE), remote=True)
+        return _HANDLES[name]
 
 
 def stop(name: str) -> None:

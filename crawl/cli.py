@@ -274,7 +274,14 @@ def hub_arguments(p) -> None:
                    help="API calls per 5 minutes, shared by all workers (default 500: anonymous limit)")
     n.add_argument("--requests-per-5min-resolve", type=int, default=ANONYMOUS_LIMITS["resolve"], metavar="N",
                    help="file requests per 5 minutes, shared by all workers (default 3000: anonymous limit)")
-    n.add_argument("--max-downloads", type=int, default=4, metavar="N", help="weight downloads in flight at once")
+    n.add_argument("--max-downloads", type=int, default=16, metavar="N",
+                   help="weight downloads in flight at once, across all workers (default 16)")
+    n.add_argument("--concurrency", type=int, default=16, metavar="N",
+                   help="models each worker loads at once: its requests in flight (default 16; the Hub's "
+                   "latency, not the cores, bounds a crawl)")
+    n.add_argument("--rate-window", type=float, default=budget.WINDOW_S, metavar="S",
+                   help=f"the length of the Hub's rate-limit window in seconds (default {budget.WINDOW_S:g}); "
+                   "the --requests-per-5min budgets are per window of this length")
     n.add_argument("--retries", type=int, default=8, metavar="N", help="tries per request (default 8)")
     n.add_argument("--backoff", type=float, default=1.0, metavar="S", help="first back-off in seconds (doubles)")
     n.add_argument("--timeout", type=float, default=60.0, metavar="S", help="seconds without data before a retry")
@@ -302,18 +309,18 @@ def options_from_args(args) -> tuple[Query, HubOptions, dict[str, int]]:
                         ("--retries", args.retries), ("--requests-per-5min-api", args.requests_per_5min_api),
                         ("--requests-per-5min-resolve", args.requests_per_5min_resolve),
                         ("--header-window", args.header_window), ("--batch-size", args.batch_size),
-                        ("--workers", args.workers)):
+                        ("--workers", args.workers), ("--concurrency", args.concurrency)):
         if value is not None and value < 1:
             raise WildzooError(f"{flag} must be at least 1")
-    if args.min_downloads < 0 or args.backoff < 0 or args.timeout <= 0:
-        raise WildzooError("--min-downloads and --backoff must be >= 0 and --timeout > 0")
+    if args.min_downloads < 0 or args.backoff < 0 or args.timeout <= 0 or args.rate_window <= 0:
+        raise WildzooError("--min-downloads and --backoff must be >= 0, --timeout and --rate-window > 0")
     query = Query(args.search, args.author, tuple(args.filter), args.pipeline_tag, tuple(args.dataset), args.sort,
                   args.limit, args.min_downloads)
     opts = HubOptions(
         endpoint=_endpoint(args), download_dir=os.path.abspath(args.download_dir or _default_download_dir(args.catalog)),
         header_only=args.header_only, allow_pickle=args.allow_pickle, anonymous=args.anonymous,
         max_bytes=args.max_bytes, max_params=args.max_params, header_window=max(8, args.header_window),
-        tries=args.retries, backoff_s=args.backoff, timeout_s=args.timeout,
+        tries=args.retries, backoff_s=args.backoff, timeout_s=args.timeout, concurrency=args.concurrency,
     )
     per_window = {"api": args.requests_per_5min_api, "resolve": args.requests_per_5min_resolve}
     return query, opts, per_window
@@ -339,7 +346,7 @@ def crawl_listed(args, catalog: Catalog, query: Query, opts: HubOptions, per_win
 
     use_ray = not args.no_ray
     try:
-        coord = budget.start(name, per_window, args.max_downloads, use_ray)
+        coord = budget.start(name, per_window, args.max_downloads, use_ray, args.rate_window)
         hub_http.install(coord, opts.endpoint, opts.timeout_s)
         t0 = time.time()
         current = catalog.current_models(("model_id", "repo_id", "status", "content_hash", "downloads"))  # once
@@ -356,7 +363,7 @@ def crawl_listed(args, catalog: Catalog, query: Query, opts: HubOptions, per_win
         changed = revisions(rows, current)
         done = current.select(["model_id", "status"])
         del current
-        batch = args.batch_size or (64 if opts.header_only else 8)
+        batch = args.batch_size or 4 * opts.concurrency  # a worker's loads overlap within its batch
         summary = pipeline.crawl(tasks.make_tasks(rows), catalog, replace(opts, coordinator=name).to_options(),
                                  workers=args.workers, batch_size=batch, retry_errors=args.retry_errors,
                                  use_ray=use_ray, resources=args.worker_resources, done=done)

@@ -73,6 +73,7 @@ class HubOptions:
     max_bytes: int | None = None
     max_params: int | None = None
     header_window: int = HEADER_WINDOW
+    concurrency: int = 16  # models each worker loads at once (its requests in flight)
     tries: int = 8
     backoff_s: float = 1.0
     timeout_s: float = 60.0

@@ -25,6 +25,7 @@ import logging
 import os
 import random
 import re
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
@@ -93,6 +94,7 @@ class FileInfo:
 # The shared session: budget and timeouts for every request to the endpoint
 # ------------------------------------------------------------------------------------------------------
 _STATE: dict = {"coordinator": None, "origin": None, "timeout_s": 60.0}
+_INSTALL = threading.Lock()  # a worker's loading threads install at once: the session is replaced only once
 
 
 def request_kind(path: str) -> str:
@@ -136,16 +138,18 @@ def _client_factory() -> httpx2.Client:
 def install(coordinator, endpoint: str, timeout_s: float = 60.0) -> None:
     """Route every request huggingface_hub sends to `endpoint` through `coordinator`'s budget (idempotent)."""
     origin = _origin(endpoint)
-    if _STATE["coordinator"] is coordinator and _STATE["origin"] == origin:
-        return
-    _STATE.update(coordinator=coordinator, origin=origin, timeout_s=timeout_s)
-    set_client_factory(_client_factory)
+    with _INSTALL:
+        if _STATE["coordinator"] is coordinator and _STATE["origin"] == origin:
+            return
+        _STATE.update(coordinator=coordinator, origin=origin, timeout_s=timeout_s)
+        set_client_factory(_client_factory)
 
 
 def uninstall() -> None:
     """Give huggingface_hub its default session back (the driver does this when the crawl ends)."""
-    _STATE.update(coordinator=None, origin=None)
-    set_client_factory(default_client_factory)
+    with _INSTALL:
+        _STATE.update(coordinator=None, origin=None)
+        set_client_factory(default_client_factory)
 
 
 # ------------------------------------------------------------------------------------------------------

@@ -1,7 +1,9 @@
 """The crawl stage that does the work: load each model of a batch of tasks, write its rows to shards.
 
 `CrawlWorker` is a plain callable over a `pyarrow.Table` of tasks (testable without Ray); Ray Data
-runs copies of it in parallel. Nothing one model's files hold can fail the batch: whatever goes wrong
+runs copies of it in parallel. A source whose loading waits on the network (the Hub: `concurrency` in the
+options) loads up to that many models of a batch at once in threads, and the worker tokenizes each as soon
+as it is loaded, in the order they arrive: requests stay in flight while the core tokenizes. Nothing one model's files hold can fail the batch: whatever goes wrong
 for a model (a malformed header, a conversion error, a value its rows cannot hold), it becomes a
 `models` row with `status='error'` and a one-line reason, and every other model of the batch lands.
 A model's rows are checked against the catalog schemas before they join the shard, so a shard's
@@ -13,6 +15,8 @@ from __future__ import annotations
 import datetime as dt
 import logging
 import traceback
+from collections.abc import Iterator
+from concurrent.futures import Future, ThreadPoolExecutor, as_completed
 
 import pyarrow as pa
 
@@ -114,6 +118,7 @@ class CrawlWorker:
         self.options = options or {}
         self.stamp = stamp or crawl_stamp()  # the crawl's: shard ids are decided by content (catalog.store.Shard)
         self.header_only = bool(self.options.get("header_only", False))
+        self.concurrency = max(1, int(self.options.get("concurrency") or 1))
         self._releases: list = []  # callables freeing committed models' resources (downloaded files)
 
     def __call__(self, batch: pa.Table) -> pa.Table:
@@ -126,8 +131,8 @@ class CrawlWorker:
     def _batch(self, batch: pa.Table) -> pa.Table:
         summary = []
         shard = self._shard()
-        for task in batch.to_pylist():
-            row = self._one(task, shard)
+        for task, loading in self._loads(batch.to_pylist()):
+            row = self._one(task, shard, loading)
             summary.append({k: row.get(k) for k in SUMMARY.names})
             if shard.token_bytes > BUFFER_BYTES:
                 shard.commit()
@@ -137,6 +142,21 @@ class CrawlWorker:
             shard.commit()
         self._release()
         return pa.Table.from_pylist(summary, schema=SUMMARY)
+
+    def _loads(self, tasks: list[dict]) -> Iterator[tuple[dict, Future | None]]:
+        """(task, its load) in the order loads finish: with `concurrency` > 1 up to that many run at once in
+        threads; else each is loaded when its turn comes (None)."""
+        if self.concurrency == 1 or len(tasks) == 1:
+            yield from ((t, None) for t in tasks)
+            return
+        with ThreadPoolExecutor(min(self.concurrency, len(tasks)), thread_name_prefix="wildzoo-load") as pool:
+            futures = {pool.submit(load_task, t, self.options): t for t in tasks}
+            try:
+                for f in as_completed(futures):
+                    yield futures[f], f
+            finally:
+                for f in futures:
+                    f.cancel()
 
     def _shard(self, model_id: str | None = None) -> Shard:
         return self.catalog.new_shard(self.stamp, self.options, model_id)
@@ -150,9 +170,9 @@ class CrawlWorker:
                 log.warning("could not free a committed model's files: %s", e)
         self._releases = []
 
-    def _one(self, task: dict, shard: Shard) -> dict:
+    def _one(self, task: dict, shard: Shard, loading: Future | None = None) -> dict:
         try:
-            loaded = load_task(task, self.options)
+            loaded = load_task(task, self.options) if loading is None else loading.result()
             if callable(getattr(loaded, "release", None)):
                 self._releases.append(loaded.release)
             if loaded.weights is None:

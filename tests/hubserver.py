@@ -11,6 +11,9 @@ An optional ``ROOT/<org>/<name>/.hubmeta.json`` (never served) holds the repo's 
 
 Every request is logged (``server.log``, optional JSONL file); faults (429, 500, slow, cut-short and short bodies)
 and a fixed-window quota can be injected, deterministically for a sequential client (seeded ``random.Random``).
+A realistic network is two knobs: ``latency_s`` (every answer waits this long before its first byte, like a VM far
+from the Hub) and ``bytes_per_s`` (each ``/resolve`` body is paced to this rate per connection). ``peak_inflight``
+is the most requests the server was handling at once (each log entry has ``inflight``, counting itself).
 
     with HubServer(root, page_size=20) as hub:
         HfApi(endpoint=hub.url, token=False).list_models(author="acme")
@@ -365,7 +368,8 @@ class HubServer:
                  p_slow: float = 0.0, p_cut: float = 0.0, p_short: float = 0.0, slow_seconds: float = 0.5,
                  retry_after: int = 1, fault_kinds: tuple[str, ...] = ("api", "resolve"),
                  fault_path_contains: str | None = None, max_consecutive_faults: int | None = None,
-                 quota: dict[str, tuple[int, float]] | None = None):
+                 quota: dict[str, tuple[int, float]] | None = None, latency_s: float = 0.0,
+                 bytes_per_s: float | None = None):
         self.store = RepoStore(root)
         self.root = Path(root)
         self.port = port
@@ -379,6 +383,8 @@ class HubServer:
         self.fault_kinds, self.fault_path_contains = set(fault_kinds), fault_path_contains
         self.max_consecutive_faults = max_consecutive_faults
         self.quota = dict(quota or {})
+        self.latency_s, self.bytes_per_s = latency_s, bytes_per_s
+        self.inflight = self.peak_inflight = 0
         self._lock = threading.Lock()
         self._log: list[dict] = []
         self._streaks: dict[tuple, int] = {}
@@ -517,22 +523,37 @@ class HubServer:
 
     # -- request handling ------------------------------------------------------------------------------------
     def _handle(self, h: _Handler, method: str) -> None:
+        with self._lock:
+            self.inflight += 1
+            self.peak_inflight = max(self.peak_inflight, self.inflight)
+            inflight = self.inflight
+        try:
+            self._handle_one(h, method, inflight)
+        finally:
+            with self._lock:
+                self.inflight -= 1
+
+    def _handle_one(self, h: _Handler, method: str, inflight: int) -> None:
         url = urlsplit(h.path)
         path, query = unquote(url.path), url.query
         kind = "api" if url.path.startswith("/api/") else "resolve" if "/resolve/" in url.path else "other"
         auth = h.headers.get("Authorization")
         rec = {"t": time.time(), "method": method, "path": path, "query": query, "range": h.headers.get("Range"),
-               "status": None, "bytes_sent": 0, "kind": kind, "auth": auth is not None, "fault": None}
+               "status": None, "bytes_sent": 0, "kind": kind, "auth": auth is not None, "fault": None,
+               "inflight": inflight}
         body_in = h.rfile.read(int(h.headers.get("Content-Length") or 0)) if method == "POST" else b""
         rate, over = self._rate_headers(kind)
         fault, slow = self._pick_fault(method, path, query, kind)
         if slow:
             rec["fault"] = "slow"
             time.sleep(self.slow_seconds)
+        if self.latency_s:
+            time.sleep(self.latency_s)
         try:
             if over:
                 fault = None
                 t = int(rate["RateLimit"].rsplit("t=", 1)[1])
+                rec["over_quota"] = True
                 raise HubError(429, "You have exceeded our rate limit.", headers={"Retry-After": str(t)})
             if fault in ("429", "500"):
                 rec["fault"] = fault
@@ -577,7 +598,9 @@ class HubServer:
                 self._record(rec)
                 logged = True
             h.end_headers()
-            for chunk in _chunks(resp, planned):
+            paced = self.bytes_per_s if rec["kind"] == "resolve" else None
+            t0 = time.monotonic()
+            for chunk in _chunks(resp, planned, 1 << 18 if paced else 1 << 20):
                 if sent + len(chunk) == planned and not logged:  # hold back the last byte until logged
                     h.wfile.write(chunk[:-1])
                     sent += len(chunk) - 1
@@ -585,6 +608,9 @@ class HubServer:
                     logged, chunk = True, chunk[-1:]
                 h.wfile.write(chunk)
                 sent += len(chunk)
+                if paced and (ahead := sent / paced - (time.monotonic() - t0)) > 0:
+                    h.wfile.flush()
+                    time.sleep(ahead)  # the body is no faster than the connection's bandwidth
             h.wfile.flush()
         except (BrokenPipeError, ConnectionResetError):
             h.close_connection = True
@@ -787,8 +813,8 @@ class HubServer:
         return Response(206, headers, file=(f.abspath, start, end - start + 1))
 
 
-def _chunks(resp: Response, n: int):
-    """The first ``n`` body bytes of ``resp``, in chunks of at most 1 MiB."""
+def _chunks(resp: Response, n: int, size: int = 1 << 20):
+    """The first ``n`` body bytes of ``resp``, in chunks of at most ``size`` bytes."""
     if resp.file is None:
         if n:
             yield resp.body[:n]
@@ -796,7 +822,7 @@ def _chunks(resp: Response, n: int):
     path, start, _ = resp.file
     with open(path, "rb") as fh:
         fh.seek(start)
-        while n > 0 and (chunk := fh.read(min(n, 1 << 20))):
+        while n > 0 and (chunk := fh.read(min(n, size))):
             n -= len(chunk)
             yield chunk
 
@@ -848,13 +874,16 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--quota-api", help="N/SECONDS fixed-window limit on /api calls, e.g. 500/300")
     ap.add_argument("--quota-resolve", help="N/SECONDS fixed-window limit on /resolve calls")
     ap.add_argument("--token", action="append", help="accepted token (repeatable); default: any token")
+    ap.add_argument("--latency-ms", type=float, default=0.0, help="wait before answering every request")
+    ap.add_argument("--mbps", type=float, default=None, help="MB/s per connection for file bodies (default: no cap)")
     a = ap.parse_args(argv)
     quota = {k: (int(v.split("/")[0]), float(v.split("/")[1]))
              for k, v in (("api", a.quota_api), ("resolve", a.quota_resolve)) if v}
     hub = HubServer(a.root, a.port, page_size=a.page_size, log_path=a.log, seed=a.seed, p429=a.p429, p500=a.p500,
                     p_slow=a.p_slow, p_cut=a.p_cut, p_short=a.p_short, retry_after=a.retry_after,
                     max_consecutive_faults=a.max_consecutive_faults, quota=quota,
-                    tokens=set(a.token) if a.token else None).start()
+                    tokens=set(a.token) if a.token else None, latency_s=a.latency_ms / 1000,
+                    bytes_per_s=a.mbps * 1e6 if a.mbps else None).start()
     if a.url_file:
         Path(a.url_file).write_text(hub.url)
     print(f"HubServer serving {a.root} at {hub.url}", flush=True)

@@ -617,11 +617,16 @@ def test_retry_wrapper_honours_rate_limits_and_backs_off():
     assert len(calls) == 4
 
 
-def test_budget_is_a_token_bucket_shared_by_its_callers():
+def test_budget_is_a_sliding_window_shared_by_its_callers():
     coord = budget.Coordinator({"api": 5, "resolve": 100}, max_downloads=2, window_s=1.0)
-    waits = [coord.reserve("api") for _ in range(10)]
-    assert waits[:5] == [0.0] * 5 and all(0.15 < w <= 1.01 for w in waits[5:])  # 5 per second, then queued
-    assert waits[5:] == sorted(waits[5:])
+    t0 = time.monotonic()
+    waits = [coord.reserve("api") for _ in range(12)]
+    let_go = [time.monotonic() - t0 + w for w in waits]  # when each request may go, from the start
+    assert waits[:5] == [0.0] * 5 and all(w > 1 for w in waits[5:])  # the whole budget at once, then queued
+    assert all(b > a - 1e-3 for a, b in zip(let_go, let_go[1:]))  # in order
+    # no window of 1 s (+ its slack) holds more than 5, wherever it starts; and the 6th waits for the 1st to leave
+    assert all(b - a >= 1.0 + budget.slack_s(1.0) - 1e-3 for a, b in zip(let_go, let_go[5:]))
+    assert all(b - a < 1.0 + budget.slack_s(1.0) + 0.05 for a, b in zip(let_go, let_go[5:]))
     coord.pause("resolve", 2.0)
     assert 1.9 < coord.reserve("resolve") <= 2.0
     assert coord.acquire_download("a") and coord.acquire_download("b") and not coord.acquire_download("c")
@@ -634,7 +639,7 @@ def test_budget_is_a_token_bucket_shared_by_its_callers():
     assert coord.claim("h2", "b", 1) is None and coord.claim("h2", "a", 0) == "b"
     assert coord.claim("h2", "c", 5) is None and coord.claim("h2", "b", 1) == "c"
     assert coord.seed({"h2": ("z", 9), "h3": ("y", 0)}) == 3 and coord.claim("h2", "c", 5) == "z"
-    assert coord.stats()["requests"] == {"api": 10, "resolve": 1}
+    assert coord.stats()["requests"] == {"api": 12, "resolve": 1}
 
 
 def test_downloads_resume_after_cut_and_short_bodies(tmp_path):

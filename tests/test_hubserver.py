@@ -291,6 +291,25 @@ def test_quota_rate_limit(store):
         assert _get(f"{hub.url}/acme/big/resolve/main/model.safetensors", {"Range": "bytes=0-7"})[0] == 206
 
 
+def test_latency_bandwidth_and_requests_in_flight(store):
+    """The bench's network: every answer waits `latency_s`; file bodies are paced per connection; the server counts
+    the requests it handles at once."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    size = (store / "acme/big/model.safetensors").stat().st_size  # 2 MiB
+    with HubServer(store, latency_s=0.3, bytes_per_s=4e6) as hub:
+        t = time.monotonic()
+        status, _, body = _get(f"{hub.url}/api/models/acme/big")
+        assert status == 200 and time.monotonic() - t >= 0.3
+        t = time.monotonic()
+        assert len(_get(f"{hub.url}/acme/big/resolve/main/model.safetensors")[2]) == size
+        assert time.monotonic() - t >= 0.3 + 0.9 * size / 4e6  # latency, then the body at 4 MB/s
+        assert hub.peak_inflight == 1
+        with ThreadPoolExecutor(4) as pool:
+            assert [r[0] for r in pool.map(lambda _: _get(f"{hub.url}/api/models/acme/tiny-mlp"), range(4))] == [200] * 4
+        assert hub.peak_inflight == 4 and max(r["inflight"] for r in hub.log) == 4
+
+
 def test_cut_and_short_bodies(store, tmp_path):
     data = (store / "acme/big/model.safetensors").read_bytes()
     with HubServer(store, p_cut=1.0, fault_kinds=("resolve",)) as hub:
