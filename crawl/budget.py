@@ -148,6 +148,28 @@ class Coordinator:
                     self.hashes[h] = (rank, m)
             return len(self.hashes)
 
+    def export(self) -> dict:
+        """What this coordinator counted, for another to take over (`absorb`): requests by kind, how long ago the
+        requests still in each window were let go, pauses left, bytes and rate-limit answers."""
+        with self._lock:
+            now = time.monotonic()
+            return {"counts": dict(self.counts), "ago": {k: [now - t for t in w.let_go] for k, w in self.windows.items()},
+                    "paused_for": {k: max(0.0, t - now) for k, t in self.paused_until.items()},
+                    "rate_limited": self.rate_limited, "waited_s": self.waited_s, "bytes": self.bytes_downloaded}
+
+    def absorb(self, state: dict) -> None:
+        """Take over another coordinator's counts (`export`): its requests count in this one's windows."""
+        with self._lock:
+            now = time.monotonic()
+            for k in KINDS:
+                self.counts[k] += state["counts"][k]
+                w = self.windows[k]
+                w.let_go = deque(sorted([now - a for a in state["ago"][k]] + list(w.let_go))[-w.capacity:])
+                self.paused_until[k] = max(self.paused_until[k], now + state["paused_for"][k])
+            self.rate_limited += state["rate_limited"]
+            self.waited_s += state["waited_s"]
+            self.bytes_downloaded += state["bytes"]
+
     def stats(self) -> dict:
         with self._lock:
             return {

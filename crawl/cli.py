@@ -16,6 +16,7 @@ import sys
 import time
 import uuid
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 
 import pyarrow as pa
@@ -327,52 +328,76 @@ def options_from_args(args) -> tuple[Query, HubOptions, dict[str, int]]:
 
 
 def crawl_hub(args) -> int:
-    """`python -m crawl hub`: list, crawl on Ray (or in this process with --no-ray), summarize."""
+    """`python -m crawl hub`: list, crawl on Ray (or in this process with --no-ray), summarize.
+
+    The catalog is read and the Hub listed in a thread while Ray starts (seconds on a laptop); the listing's
+    requests are counted by a coordinator of this process, whose count the crawl's coordinator takes over."""
     query, opts, per_window = options_from_args(args)
     if not args.verbose:
         logging.getLogger("httpx2").setLevel(logging.WARNING)  # one INFO line per request otherwise
     catalog = open_catalog(args)
     use_ray = not args.no_ray
     name = f"wildzoo-hub-{uuid.uuid4().hex[:12]}"
-    with ray_session() if use_ray else contextlib.nullcontext():
-        crawl_listed(args, catalog, query, opts, per_window, name)
+    listing_budget = budget.Coordinator(per_window, args.max_downloads, args.rate_window)
+    hub_http.install(listing_budget, opts.endpoint, opts.timeout_s)
+    try:
+        with ThreadPoolExecutor(1, thread_name_prefix="wildzoo-listing") as ahead:
+            listing = ahead.submit(read_and_list, catalog, query, opts)
+            with ray_session() if use_ray else contextlib.nullcontext():
+                crawl_listed(args, catalog, opts, per_window, name, listing, listing_budget)
+    finally:
+        hub_http.uninstall()
     return 0
 
 
-def crawl_listed(args, catalog: Catalog, query: Query, opts: HubOptions, per_window: dict[str, int],
-                 name: str) -> None:
-    """The hub crawl on a running Ray (or none, `--no-ray`): budget, listing, pipeline, summary."""
+def read_and_list(catalog: Catalog, query: Query, opts: HubOptions):
+    """(the catalog's current models, the listing's task rows)."""
+    t0 = time.time()
+    current = catalog.current_models(("model_id", "repo_id", "status", "content_hash", "downloads"))  # once
+    log.info("catalog read in %.1fs: %d models", time.time() - t0, current.num_rows)
+    t0 = time.time()
+    rows = enumerate_repos(query, opts)
+    if not rows:
+        raise WildzooError(f"no models on {opts.endpoint} match {query.describe()}")
+    log.info("listed %d repos in %.1fs", len(rows), time.time() - t0)
+    return current, rows
+
+
+def crawl_listed(args, catalog: Catalog, opts: HubOptions, per_window: dict[str, int], name: str, listing,
+                 listing_budget: budget.Coordinator) -> None:
+    """The hub crawl on a running Ray (or none, `--no-ray`): workers, the listing's result, budget, pipeline,
+    summary. `listing`: a future of `read_and_list`."""
     from crawl import pipeline, tasks
 
-    use_ray = not args.no_ray
+    use_ray, pool = not args.no_ray, None
     try:
+        options = replace(opts, coordinator=name).to_options()
+        # the coordinator, then the workers start (about a second each on 2 cores: the coordinator first, as it
+        # takes one of the processes Ray started ahead) while the catalog is read and the Hub listed
         coord = budget.start(name, per_window, args.max_downloads, use_ray, args.rate_window)
+        pool = pipeline.start_pool(catalog, options, args.workers, args.worker_resources) if use_ray else None
+        current, rows = listing.result()
+        coord.absorb(listing_budget.export())
         hub_http.install(coord, opts.endpoint, opts.timeout_s)
-        t0 = time.time()
-        current = catalog.current_models(("model_id", "repo_id", "status", "content_hash", "downloads"))  # once
         holders, unfinished = existing_hashes(current)
         coord.seed(holders)
         del holders
-        log.info("catalog read in %.1fs: %d models", time.time() - t0, current.num_rows)
-        t0 = time.time()
-        rows = enumerate_repos(query, opts)
-        if not rows:
-            raise WildzooError(f"no models on {opts.endpoint} match {query.describe()}")
-        log.info("listed %d repos in %.1fs (%d API requests)", len(rows), time.time() - t0,
-                 coord.stats()["requests"]["api"])
         changed = revisions(rows, current)
         done = current.select(["model_id", "status"])
         del current
         batch = args.batch_size or 4 * opts.concurrency  # a worker's loads overlap within its batch
-        summary = pipeline.crawl(tasks.make_tasks(rows), catalog, replace(opts, coordinator=name).to_options(),
-                                 workers=args.workers, batch_size=batch, retry_errors=args.retry_errors,
-                                 use_ray=use_ray, resources=args.worker_resources, done=done)
+        summary = pipeline.crawl(tasks.make_tasks(rows), catalog, options, workers=args.workers, batch_size=batch,
+                                 retry_errors=args.retry_errors, use_ray=use_ray, resources=args.worker_resources,
+                                 done=done, pool=pool)
+        pool = None
         repointed(summary, canonical_copies(catalog, unfinished | set(coord.takeovers())))
         sweep_downloads(opts.download_dir, pa.concat_arrays([done.column("model_id").combine_chunks(),
                                                             pa.array(list(summary["statuses"]), pa.string())]))
         print_summary(summary)
         _print_requests(coord.stats(), len(rows), changed)
     finally:
+        if pool is not None:  # the crawl never started (no repo matched, a listing error)
+            pool.stop()
         hub_http.uninstall()
         budget.stop(name)
 

@@ -34,6 +34,7 @@ from typing import TypeVar
 from urllib.parse import urlsplit
 
 import httpx2
+from huggingface_hub import constants as hf_constants
 from huggingface_hub.utils import (
     get_session,
     hf_raise_for_status,
@@ -46,6 +47,12 @@ from catalog.errors import BadWeights, WildzooError
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
+
+# No request leaves for any host but the crawl's endpoint: with telemetry on, huggingface_hub's user agent
+# (`build_hf_headers`) fetches an "agent harnesses" registry from its default endpoint (the real Hub) in every new
+# process — outside the crawl's budget, and on a machine without internet access each loading thread of a
+# fresh worker stalled on it (4 s of a 5 s header-only batch).
+hf_constants.HF_HUB_DISABLE_TELEMETRY = True
 
 CONNECT_TIMEOUT_S = 10.0
 CHUNK = 1 << 20

@@ -33,13 +33,15 @@ def crawl(
     worker: type[CrawlWorker] = CrawlWorker,
     resources: dict[str, float] | None = None,
     done: dict[str, str] | pa.Table | None = None,
+    pool: WorkerPool | None = None,
 ) -> dict:
     """Crawl `tasks` into `catalog`; returns a summary (counts by status, failures with reasons).
 
     `worker` is the callable class the actors run (a subclass in the fault tests); `resources`, custom Ray
-    resources each actor needs (a cluster's crawler nodes)."""
+    resources each actor needs (a cluster's crawler nodes); `pool`, workers started ahead (`start_pool`, while
+    the caller lists the tasks; it is stopped here)."""
     t0 = time.time()
-    stamp = crawl_stamp()
+    stamp = pool.stamp if pool is not None else crawl_stamp()
     options = options or {}
     removed = catalog.clean()
     if removed:
@@ -49,7 +51,9 @@ def crawl(
     skipped_done = tasks.num_rows - todo.num_rows
     log.info("%d model(s) to crawl, %d already in the catalog", todo.num_rows, skipped_done)
     results = []
-    if todo.num_rows and use_ray:
+    if pool is not None:
+        results = _run_pool(pool, todo, batch_size)
+    elif todo.num_rows and use_ray:
         results = _run_ray(todo, catalog, options, workers, batch_size, stamp, worker, resources or {})
     elif todo.num_rows:
         crawler = worker(catalog.uri, options, stamp)
@@ -78,17 +82,31 @@ def _run_ray(todo: pa.Table, catalog: Catalog, options: dict, workers: int | Non
 
     with ray_session():
         n = workers or max(1, int(ray.available_resources().get("CPU", 1)))
-        blocks = [todo.slice(s, batch_size) for s in range(0, todo.num_rows, batch_size)]
         pool = WorkerPool(worker, {"catalog_uri": catalog.uri, "options": options, "stamp": stamp},
-                          min(n, len(blocks)), resources)
-        results, progress = [], Progress(todo.num_rows)
-        try:
-            for batch in pool.map(blocks):
-                results.append(batch)
-                progress.update(batch)
-        finally:
-            pool.stop()
-        return results
+                          min(n, -(-todo.num_rows // batch_size)), resources)
+        return _run_pool(pool, todo, batch_size)
+
+
+def start_pool(catalog: Catalog, options: dict, workers: int | None = None,
+               resources: dict[str, float] | None = None, worker: type[CrawlWorker] = CrawlWorker) -> WorkerPool:
+    """Crawl workers started ahead of the crawl (Ray must be up): one per CPU, or `workers`."""
+    import ray
+
+    n = workers or max(1, int(ray.available_resources().get("CPU", 1)))
+    return WorkerPool(worker, {"catalog_uri": catalog.uri, "options": options, "stamp": crawl_stamp()}, n, resources)
+
+
+def _run_pool(pool: WorkerPool, todo: pa.Table, batch_size: int) -> list[pa.Table]:
+    """Every batch of `todo` through the pool (stopped at the end), with progress."""
+    blocks = [todo.slice(s, batch_size) for s in range(0, todo.num_rows, batch_size)]
+    results, progress = [], Progress(todo.num_rows)
+    try:
+        for batch in pool.map(blocks):
+            results.append(batch)
+            progress.update(batch)
+    finally:
+        pool.stop()
+    return results
 
 
 class _Actor:
@@ -115,6 +133,7 @@ class WorkerPool:
 
         self._cls = ray.remote(_Actor).options(num_cpus=1, resources=resources or None, max_restarts=0)
         self._args = (worker, kwargs)
+        self.stamp = kwargs.get("stamp")
         self.queued = queued
         self.actors = [self._cls.remote(*self._args) for _ in range(max(1, n))]
         self.deaths, self.max_deaths = 0, max_deaths if max_deaths is not None else 3 * max(1, n)

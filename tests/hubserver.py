@@ -350,6 +350,11 @@ class _Handler(BaseHTTPRequestHandler):
         pass
 
 
+class _Server(ThreadingHTTPServer):
+    request_queue_size = 1024  # the listen backlog: socketserver's 5 drops the SYNs of a burst of new connections
+    # (each then waits out a 1 s TCP retransmission), which a real Hub front end never does
+
+
 class HubServer:
     """Loopback Hub serving ``root``. Use as a context manager (or ``start()``/``stop()``); ``url`` is its endpoint.
 
@@ -391,7 +396,7 @@ class HubServer:
         self._scheduled: list[dict] = []
         self._windows: dict[str, tuple[float, int]] = {}
         self._conns: set[socket.socket] = set()
-        self._httpd: ThreadingHTTPServer | None = None
+        self._httpd: _Server | None = None
         self._thread: threading.Thread | None = None
 
     # -- lifecycle -------------------------------------------------------------------------------------------
@@ -400,7 +405,7 @@ class HubServer:
         return f"http://127.0.0.1:{self.port}"
 
     def start(self) -> HubServer:
-        self._httpd = ThreadingHTTPServer(("127.0.0.1", self.port), _Handler)
+        self._httpd = _Server(("127.0.0.1", self.port), _Handler)
         self._httpd.daemon_threads = True
         self._httpd.hub = self
         self.port = self._httpd.server_address[1]
