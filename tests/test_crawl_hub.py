@@ -403,9 +403,10 @@ def test_a_rerun_weeks_later_crawls_new_repos_and_new_revisions_and_keeps_the_ol
 def test_faults_give_the_same_catalog(zoo, reference, ray_session, tmp_path):
     with HubServer(zoo.root, page_size=25, p429=0.1, p500=0.1, retry_after=0, seed=3,
                    max_consecutive_faults=3) as server:
-        rc, out, err = run_hub(server.url, tmp_path / "cat", *LIMITS, "--batch-size", "4")
+        rc, out, err = run_hub(server.url, tmp_path / "cat", *LIMITS)  # one batch, its models loaded 16 at once
         log = server.log
     assert rc == 0, err
+    assert max(r["inflight"] for r in log) >= 8
     faults = [r["fault"] for r in log if r["fault"]]
     assert faults.count("429") >= 2 and faults.count("500") >= 2 and len(faults) >= 0.1 * len(log), faults
     assert fingerprint(tmp_path / "cat") == fingerprint(reference[0])
@@ -482,6 +483,55 @@ def test_sigkill_at_random_moments_then_rerun(zoo, reference, tmp_path):
     assert fingerprint(cat) == fingerprint(reference[0])
     assert _refetched(log, kills) == []
     assert not list(cat.rglob(".tmp-*")) and not any(p.is_file() for p in (tmp_path / "dl").rglob("*"))
+
+
+def test_sigkill_mid_download_at_full_concurrency_resumes_with_ranges(tmp_path):
+    """Twelve 1 MB models loaded 8 at a time over a slow network; SIGKILL while several files are half downloaded,
+    then a rerun: every partial file resumes with a Range, no finished byte range is sent twice, and the catalog
+    equals an uninterrupted crawl's."""
+    from safetensors.numpy import save
+
+    rng = np.random.default_rng(0)
+    for i in range(12):
+        blob = save({"layer.weight": rng.standard_normal((512, 512)).astype(np.float32)})  # 1 MiB
+        make_repo(tmp_path / "hub", f"big/m{i:02d}", {"model.safetensors": blob}, downloads=12 - i)
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_DISABLE_TELEMETRY": "1"}
+    env.pop("HF_TOKEN", None)
+    window = hub.HEADER_WINDOW
+
+    def args(url: str, cat: Path, dl: Path) -> list[str]:
+        return [sys.executable, "-m", "crawl", "hub", "--endpoint", url, "--catalog", str(cat), "--download-dir",
+                str(dl), "--anonymous", "--token-size", str(TOKEN_SIZE), "--no-ray", "--concurrency", "8"]
+
+    with HubServer(tmp_path / "hub", latency_s=0.05, bytes_per_s=1e6) as server:
+        ref = subprocess.run(args(server.url, tmp_path / "ref", tmp_path / "ref-dl"), env=env, cwd=ROOT,
+                             capture_output=True, text=True, timeout=300)
+        assert ref.returncode == 0, ref.stderr
+        server.reset_log()
+        dl, cat = tmp_path / "dl", tmp_path / "cat"
+        p = subprocess.Popen(args(server.url, cat, dl), env=env, cwd=ROOT, stdout=subprocess.DEVNULL,
+                             stderr=subprocess.DEVNULL)
+
+        def partial() -> int:  # downloads past their first window, not yet finished
+            return sum(f.stat().st_size > window for f in dl.rglob("*.part")) if dl.exists() else 0
+
+        while p.poll() is None and partial() < 3:  # observed progress: three files half downloaded
+            time.sleep(0.01)
+        assert p.poll() is None, "the crawl finished before three downloads were under way"
+        kill = time.time()
+        p.send_signal(signal.SIGKILL)
+        p.wait()
+        assert partial() >= 3
+        again = subprocess.run(args(server.url, cat, dl), env=env, cwd=ROOT, capture_output=True, text=True,
+                               timeout=300)
+        assert again.returncode == 0, again.stderr
+        log = server.log
+    assert max(r["inflight"] for r in log) >= 8  # the loads overlapped
+    resumed = [r for r in weight_requests(log) if r["t"] > kill and _start(r) not in (0, window)]
+    assert len(resumed) >= 3  # the partial files went on from where they stopped
+    assert _refetched(log, [kill]) == []
+    assert fingerprint(cat) == fingerprint(tmp_path / "ref")
+    assert not any(f.is_file() for f in dl.rglob("*"))
 
 
 # ------------------------------------------------------------------------------------------------------

@@ -80,7 +80,8 @@ def test_a_killed_sweep_continues_with_resume(zoo_catalog, tmp_path):
     scored = {line.split()[4]: float(line.split()[6]) for line in first.splitlines() if " scored " in line}
     assert scored and not (out / "results.csv").exists()
     kept_trial = next(iter(scored))
-    ckpts = sorted(p.name for p in (out / "trials" / kept_trial / "fit").glob("checkpoint_*"))
+    (kept_run,) = (out / "trials").glob(f"{kept_trial}-*")  # the trial's folder: its id and a digest of its settings
+    ckpts = sorted(p.name for p in (kept_run / "fit").glob("checkpoint_*"))
 
     again = subprocess.run(args, env=env, cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert again.returncode == 1 and "--resume" in again.stderr  # no silent overwrite of a sweep
@@ -94,12 +95,15 @@ def test_a_killed_sweep_continues_with_resume(zoo_catalog, tmp_path):
     by_trial = {r["trial"]: r for r in rows}
     assert float(by_trial[kept_trial]["score"]) == pytest.approx(scored[kept_trial], abs=1e-4)
     # a finished trial trains no further (it may be scored again if the kill beat Tune's experiment snapshot)
-    assert sorted(p.name for p in (out / "trials" / kept_trial / "fit").glob("checkpoint_*")) == ckpts
+    assert sorted(p.name for p in (kept_run / "fit").glob("checkpoint_*")) == ckpts
+    assert by_trial[kept_trial]["run"].rstrip("/").endswith(kept_run.name)
     finished = [r for r in rows if r["status"] == "finished"]
     assert [float(r["score"]) for r in finished] == sorted((float(r["score"]) for r in finished), reverse=True)
     assert rows[0]["status"] == "finished" and (out / "score.png").stat().st_size > 5000
     best = TrainConfig.from_file(out / "best.json", base=TrainConfig.small())
     assert best.gamma == pytest.approx(float(rows[0]["gamma"])) and best.model.window == int(rows[0]["window"])
     assert best.model.d_model == TrainConfig.debug().model.d_model
-    assert "tune:" in done.stdout and "best.json" in done.stdout and "Traceback" not in done.stderr
+    assert "tune:" in done.stdout and "best.json" in done.stdout
+    trace = done.stderr.find("Traceback")
+    assert trace < 0, done.stderr[max(0, trace - 500): trace + 6000]  # what went wrong, in the test's report
     assert "PYTHON worker processes have been started" not in done.stdout + done.stderr  # Ray internals stay quiet

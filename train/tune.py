@@ -13,7 +13,7 @@ normalization and the window. Everything else is the flavour's (or `--config`'s)
 
 Out: DIR/results.csv (one row per trial, sorted by score), DIR/score.png (score against each swept value),
 DIR/best.json (the best trial's settings, for `python -m train fit --config DIR/best.json`), DIR/tune (Tune's
-experiment: `--resume` continues it) and DIR/trials/<trial> (each trial's run folder: a killed trial resumes
+experiment: `--resume` continues it) and DIR/trials/<trial>-<digest> (each trial's run folder: a killed trial resumes
 from its last epoch's checkpoint).
 """
 
@@ -21,7 +21,9 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import hashlib
 import io
+import json
 import logging
 import math
 import os
@@ -97,7 +99,8 @@ def validation_score(catalog: str, run_uri: str, split_seed: int) -> dict[str, f
 
 
 def run_trial(config: dict[str, Any]) -> None:
-    """One trial (a Tune function trainable): `train fit` into DIR/trials/<trial id> with Tune's report callback,
+    """One trial (a Tune function trainable): `train fit` into DIR/trials/<trial id>-<settings digest> with Tune's report
+    callback,
     then, if ASHA let it finish, the validation score."""
     import ray.tune
     from ray.tune.integration.ray_train import TuneReportCallback
@@ -106,7 +109,10 @@ def run_trial(config: dict[str, Any]) -> None:
 
     logging.getLogger("train").setLevel(logging.WARNING)  # the sweep's own lines say what each trial did
     cfg = trial_config(TrainConfig.from_dict(config["base"]), config)
-    run = f"{config['dir'].rstrip('/')}/trials/{ray.tune.get_context().get_trial_id()}"
+    # the folder is named by the trial and its settings: a sweep killed before Tune saved a new trial gives that
+    # trial's id to another draw on --resume, which must not resume the lost trial's run (another model)
+    digest = hashlib.sha1(json.dumps(cfg.to_dict(), sort_keys=True).encode()).hexdigest()[:8]
+    run = f"{config['dir'].rstrip('/')}/trials/{ray.tune.get_context().get_trial_id()}-{digest}"
     s = fit(config["catalog"], run, cfg, callbacks=[TuneReportCallback()], reconstruction=False,
             quiet=True)
     last = s["history"][-1] if s["history"] else {}
@@ -249,8 +255,6 @@ def write_results(root: Path, rows: list[dict[str, Any]], base: TrainConfig) -> 
         best = trial_config(base, scored[0]).to_dict()
         for k in PLACEMENT:
             best.pop(k, None)
-        import json
-
         written["best"] = _write(root / "best.json", (json.dumps(best, indent=2) + "\n").encode())
         written["best_trial"] = scored[0]["trial"]
     return written
