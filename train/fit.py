@@ -23,7 +23,7 @@ import math
 import os
 import tempfile
 import time
-from dataclasses import asdict
+from dataclasses import asdict, astuple
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -159,7 +159,14 @@ def train_loop(config: dict[str, Any]) -> dict[str, Any]:
     device = ray.train.torch.get_device()
     from train.stream import window_collate
 
-    train_shard = ray.train.get_dataset_shard("train")
+    reader = None
+    if config.get("reader"):  # the previous path, for measuring the stream against it (ReaderWindows)
+        from train.stream import ReaderWindows
+
+        r = config["reader"]
+        reader = ReaderWindows(r["catalog"], [ModelRef(*m) for m in r["refs"]], cfg.model.window, cfg.batch_size, rank,
+                               world, cfg.seed, r["norm"], cfg.views, r["archs"], int(config["steps_per_epoch"]))
+    train_shard = ray.train.get_dataset_shard("train") if reader is None else None
     val_shard = ray.train.get_dataset_shard("val") if config.get("val_windows") else None
     steps_per_epoch = int(config["steps_per_epoch"])
     pin = device.type == "cuda"
@@ -213,7 +220,9 @@ def train_loop(config: dict[str, Any]) -> dict[str, Any]:
         per_step: list[dict[str, float]] = []
         sums = torch.zeros(7, device=device, dtype=torch.float64)  # loss, mse, stats, ntx, behaviour, head, grad norm
         steps = windows = 0
-        for batch in batches(train_shard, cfg.seed * 1_000_003 + epoch * 1009 + rank, shuffle=True):
+        epoch_batches = batches(train_shard, cfg.seed * 1_000_003 + epoch * 1009 + rank, shuffle=True) \
+            if reader is None else reader.epoch(epoch, cfg.permute, device)
+        for batch in epoch_batches:
             with _autocast(device, amp):
                 out = backbone_loss(model, batch, cfg.loss, behaviour)
             optimizer.zero_grad(set_to_none=True)
@@ -347,12 +356,13 @@ def training_streams(cat: Catalog, cfg: TrainConfig, train_refs: list[ModelRef],
 
 
 def fit(catalog: str, out: str, cfg: TrainConfig, callbacks: list | None = None,
-        reconstruction: bool = True, quiet: bool = False) -> dict[str, Any]:
+        reconstruction: bool = True, quiet: bool = False, reader: bool = False) -> dict[str, Any]:
     """Train (or resume) the backbone on `catalog` into the run folder `out`; returns a summary.
 
     `callbacks`: Ray Train callbacks (`train tune` passes Tune's report callback); `reconstruction`: rebuild the
     held-out models at the end and report the accuracy they keep; `quiet`: the workers log warnings only (a sweep
-    prints its own line per epoch and trial)."""
+    prints its own line per epoch and trial); `reader`: train from the previous data path (`ReaderWindows`) instead of
+    the Ray Data stream, to compare the two."""
     from ray.train import (
         CheckpointConfig,
         FailureConfig,
@@ -402,6 +412,10 @@ def fit(catalog: str, out: str, cfg: TrainConfig, callbacks: list | None = None,
         resources = {"CPU": cfg.cpus_per_worker, **({"GPU": cfg.gpus_per_worker} if cfg.gpus_per_worker else {}),
                      **cfg.worker_resources}
         datasets, stream = training_streams(cat, cfg, train_refs, held, norm, archs)
+        if reader:
+            del datasets["train"]
+            stream["reader"] = {"catalog": _catalog_id(cat), "refs": [list(astuple(r)) for r in train_refs],
+                                "norm": norm.to_dict(), "archs": archs}
         trainer = TorchTrainer(
             train_loop,
             train_loop_config={"cfg": cfg.to_dict(), "verbose": log.isEnabledFor(logging.DEBUG), "run": run.uri,

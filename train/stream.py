@@ -138,3 +138,30 @@ def window_collate(permute: float = 0.0, seed: int | None = None):
             return collate(batch, permute, seed)
 
     return WindowCollate()
+
+
+class ReaderWindows:
+    """The previous data path, kept to measure the stream against it (`bench/stream_vs_reader.py`, `fit(reader=True)`):
+    each rank reads its share of the models whole from Parquet once, and every epoch draws their
+    windows at random offsets and shuffles them all (a global shuffle, no Ray Data), `steps` batches of them,
+    collated like the stream's."""
+
+    def __init__(self, catalog: str, refs: list[ModelRef], window: int, batch_size: int, rank: int, world: int,
+                 seed: int, norm: dict, views: int, archs: dict[str, int], steps: int) -> None:
+        mine = sorted(refs, key=lambda r: r.model_id)[rank::world]
+        self.tokens = read_models(Catalog.open(catalog), mine, Normalizer.from_dict(norm), archs)
+        self.window, self.batch_size, self.rank, self.seed = window, batch_size, rank, seed
+        self.views, self.steps = views, steps
+
+    def epoch(self, epoch: int, permute: float, device) -> Any:
+        """`steps` collated batches on `device`, in an order seeded by the run's seed, the epoch and the rank."""
+        rng = np.random.default_rng([self.seed, epoch, self.rank])
+        model, start = self.tokens.windows(self.window, rng, self.views)
+        order = rng.permutation(len(model))
+        for b in range(min(self.steps, len(order) // self.batch_size)):
+            take = order[b * self.batch_size: (b + 1) * self.batch_size]
+            arrays = self.tokens.batch(model[take], start[take], self.window)
+            arrays["unit_key"] = model[take].astype(np.int64)
+            seed = self.seed * 1_000_003 + epoch * 1009 + self.rank
+            yield {k: v.to(device) for k, v in collate(arrays, permute, seed).items()}
+
