@@ -4,27 +4,59 @@
 
 The same fit (flavour, epochs, held-out split) runs from the two paths, several seeds each: the stream
 (`train.stream`: units of whole models read by Ray Data tasks, a bounded local shuffle in each worker) and the
-path it replaced (`train.stream.ReaderWindows`: each rank reads its models whole from Parquet, every epoch's
-windows shuffled globally). Prints per epoch the training loss and the held-out reconstruction error relative to
+path it replaced (`ReaderWindows` below, given to `fit(source=…)`: each rank reads its models whole from Parquet,
+every epoch's windows shuffled globally). Prints per epoch the training loss and the held-out reconstruction error relative to
 predicting zeros (mean ± sd over seeds) of each path, their difference, and the noise (sd of the difference of
 two means); then the largest |difference| / noise over epochs. Prints figures; not a test.
 """
 
 from __future__ import annotations
 
-import argparse
-import logging
-import math
 import sys
-import tempfile
-import time
 from pathlib import Path
 
+# bench/ holds tokenize.py, which would shadow the standard library's module (logging imports it): off the path
+# before anything else is imported
 ROOT = Path(__file__).resolve().parent.parent
-sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
-sys.path.insert(0, str(ROOT))
+sys.path[:] = [str(ROOT)] + [p for p in sys.path if Path(p or ".").resolve() != ROOT / "bench"]
+
+import argparse  # noqa: E402
+import logging  # noqa: E402
+import math  # noqa: E402
+import tempfile  # noqa: E402
+import time  # noqa: E402
 
 import numpy as np  # noqa: E402
+
+
+class ReaderWindows:
+    """The path the stream replaced: each rank reads its share of the models whole from Parquet once, and every
+    epoch draws their windows at random offsets and shuffles them all (a global shuffle, no Ray Data), `steps`
+    batches of them, collated like the stream's."""
+
+    def __init__(self, plan: dict, rank: int, world: int, steps: int) -> None:
+        from catalog.store import Catalog
+        from train.data import ModelRef, Normalizer, read_models
+
+        mine = sorted((ModelRef(*r) for r in plan["refs"]), key=lambda r: r.model_id)[rank::world]
+        self.tokens = read_models(Catalog.open(plan["catalog"]), mine, Normalizer.from_dict(plan["norm"]),
+                                  plan["archs"])
+        self.window, self.batch_size, self.views, self.seed = plan["window"], plan["batch_size"], plan["views"], plan["seed"]
+        self.rank, self.steps = rank, steps
+
+    def epoch(self, epoch: int, permute: float, device):
+        """`steps` collated batches on `device`, in an order seeded by the run's seed, the epoch and the rank."""
+        from train.stream import collate
+
+        rng = np.random.default_rng([self.seed, epoch, self.rank])
+        model, start = self.tokens.windows(self.window, rng, self.views)
+        order = rng.permutation(len(model))
+        for b in range(min(self.steps, len(order) // self.batch_size)):
+            take = order[b * self.batch_size: (b + 1) * self.batch_size]
+            arrays = self.tokens.batch(model[take], start[take], self.window)
+            arrays["unit_key"] = model[take].astype(np.int64)
+            seed = self.seed * 1_000_003 + epoch * 1009 + self.rank
+            yield {k: v.to(device) for k, v in collate(arrays, permute, seed).items()}
 
 
 def main() -> None:
@@ -49,7 +81,7 @@ def main() -> None:
             for path in ("stream", "reader"):
                 t = time.perf_counter()
                 s = fit(a.catalog, f"{tmp}/{path}-{seed}", base.replace(seed=seed), reconstruction=False, quiet=True,
-                        reader=path == "reader")
+                        source=ReaderWindows if path == "reader" else None)
                 seconds[path] += time.perf_counter() - t
                 curves[path].append(s["history"])
                 print(f"  seed {seed} {path}: final loss {s['history'][-1]['loss']:.4f}, "

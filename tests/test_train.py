@@ -352,31 +352,6 @@ def test_the_ray_data_stream_gives_every_rank_equal_steps_of_whole_model_windows
     assert counts == [expected // 3 // 10] * 3 and shapes == {(10, 16, 73)} and all(starts)
 
 
-def test_the_previous_reader_path_gives_the_same_windows_as_the_stream_in_another_order(zoo_catalog):
-    """`ReaderWindows` (the path the stream replaced, kept to measure the stream against it): each rank gets its
-    share of the models, the steps asked for, windows of one model each, the same tensors as the stream's collate,
-    and an order fixed by seed, epoch and rank."""
-    from train.data import fit_normalizer
-    from train.stream import TORCH_KEYS, ReaderWindows
-
-    _, cat_path = zoo_catalog
-    cat = Catalog.open(str(cat_path))
-    train, _ = split_models(cat, list_models(cat), seeds=0)
-    norm = fit_normalizer(cat, train).to_dict()
-    ranks = [ReaderWindows(str(cat_path), train, 16, 10, r, 2, 0, norm, 2, {}, steps=3) for r in range(2)]
-    assert sorted(ranks[0].tokens.model_ids + ranks[1].tokens.model_ids) == sorted(r.model_id for r in train)
-    batches = list(ranks[0].epoch(0, 1.0, torch.device("cpu")))
-    assert len(batches) == 3 and {"values", "values2", "stats", "n_valid", "arch"} <= set(batches[0]) <= {*TORCH_KEYS,
-                                                                                                     "values2"}
-    assert batches[0]["values"].shape == (10, 16, 73) and batches[0]["values2"].shape == (10, 16, 73)
-    real = batches[0]["n_valid"] > 0
-    assert bool((torch.diff(batches[0]["n"], dim=1)[real[:, 1:]] == 1).all())  # one model per window, in order
-    again = list(ranks[0].epoch(0, 1.0, torch.device("cpu")))
-    assert all(torch.equal(x["values"], y["values"]) for x, y in zip(batches, again, strict=True))
-    other = next(iter(ranks[0].epoch(1, 1.0, torch.device("cpu"))))
-    assert not torch.equal(other["values"], batches[0]["values"])
-
-
 # ---------------------------------------------------------------- Ray Train fit, resume, embed, probe
 
 @pytest.fixture(scope="module")

@@ -159,16 +159,12 @@ def train_loop(config: dict[str, Any]) -> dict[str, Any]:
     device = ray.train.torch.get_device()
     from train.stream import window_collate
 
-    reader = None
-    if config.get("reader"):  # the previous path, for measuring the stream against it (ReaderWindows)
-        from train.stream import ReaderWindows
-
-        r = config["reader"]
-        reader = ReaderWindows(r["catalog"], [ModelRef(*m) for m in r["refs"]], cfg.model.window, cfg.batch_size, rank,
-                               world, cfg.seed, r["norm"], cfg.views, r["archs"], int(config["steps_per_epoch"]))
+    # another source of training batches than the stream (`fit(source=…)`: the data path the stream replaced, to
+    # measure the stream against it in bench/stream_vs_reader.py)
+    steps_per_epoch = int(config["steps_per_epoch"])
+    reader = config["source"](config["plan"], rank, world, steps_per_epoch) if config.get("source") else None
     train_shard = ray.train.get_dataset_shard("train") if reader is None else None
     val_shard = ray.train.get_dataset_shard("val") if config.get("val_windows") else None
-    steps_per_epoch = int(config["steps_per_epoch"])
     pin = device.type == "cuda"
 
     def batches(shard, seed: int | None, shuffle: bool):
@@ -356,13 +352,15 @@ def training_streams(cat: Catalog, cfg: TrainConfig, train_refs: list[ModelRef],
 
 
 def fit(catalog: str, out: str, cfg: TrainConfig, callbacks: list | None = None,
-        reconstruction: bool = True, quiet: bool = False, reader: bool = False) -> dict[str, Any]:
+        reconstruction: bool = True, quiet: bool = False, source=None) -> dict[str, Any]:
     """Train (or resume) the backbone on `catalog` into the run folder `out`; returns a summary.
 
     `callbacks`: Ray Train callbacks (`train tune` passes Tune's report callback); `reconstruction`: rebuild the
     held-out models at the end and report the accuracy they keep; `quiet`: the workers log warnings only (a sweep
-    prints its own line per epoch and trial); `reader`: train from the previous data path (`ReaderWindows`) instead of
-    the Ray Data stream, to compare the two."""
+    prints its own line per epoch and trial); `source`: instead of the Ray Data stream, a picklable callable
+    `source(plan, rank, world, steps)` run in each worker, returning an object whose `epoch(epoch, permute, device)`
+    yields that many collated batches; `plan` holds the catalog, training models (ModelRef fields), normalizer,
+    architecture indices, window, batch size, views and seed (bench/stream_vs_reader.py: the previous path)."""
     from ray.train import (
         CheckpointConfig,
         FailureConfig,
@@ -412,10 +410,12 @@ def fit(catalog: str, out: str, cfg: TrainConfig, callbacks: list | None = None,
         resources = {"CPU": cfg.cpus_per_worker, **({"GPU": cfg.gpus_per_worker} if cfg.gpus_per_worker else {}),
                      **cfg.worker_resources}
         datasets, stream = training_streams(cat, cfg, train_refs, held, norm, archs)
-        if reader:
+        if source is not None:
             del datasets["train"]
-            stream["reader"] = {"catalog": _catalog_id(cat), "refs": [list(astuple(r)) for r in train_refs],
-                                "norm": norm.to_dict(), "archs": archs}
+            stream.update(source=source, plan={
+                "catalog": _catalog_id(cat), "refs": [list(astuple(r)) for r in train_refs], "norm": norm.to_dict(),
+                "archs": archs, "window": cfg.model.window, "batch_size": cfg.batch_size, "views": cfg.views,
+                "seed": cfg.seed})
         trainer = TorchTrainer(
             train_loop,
             train_loop_config={"cfg": cfg.to_dict(), "verbose": log.isEnabledFor(logging.DEBUG), "run": run.uri,
