@@ -34,14 +34,13 @@ class ReaderWindows:
     epoch draws their windows at random offsets and shuffles them all (a global shuffle, no Ray Data), `steps`
     batches of them, collated like the stream's."""
 
-    def __init__(self, plan: dict, rank: int, world: int, steps: int) -> None:
+    def __init__(self, plan, cfg, rank: int, world: int, steps: int) -> None:
         from catalog.store import Catalog
-        from train.data import ModelRef, Normalizer, read_models
+        from train.data import read_models
 
-        mine = sorted((ModelRef(*r) for r in plan["refs"]), key=lambda r: r.model_id)[rank::world]
-        self.tokens = read_models(Catalog.open(plan["catalog"]), mine, Normalizer.from_dict(plan["norm"]),
-                                  plan["archs"])
-        self.window, self.batch_size, self.views, self.seed = plan["window"], plan["batch_size"], plan["views"], plan["seed"]
+        mine = sorted(plan.train, key=lambda r: r.model_id)[rank::world]
+        self.tokens = read_models(Catalog.open(plan.catalog), mine, plan.norm, plan.archs)
+        self.window, self.batch_size, self.views, self.seed = cfg.model.window, cfg.batch_size, cfg.views, cfg.seed
         self.rank, self.steps = rank, steps
 
     def epoch(self, epoch: int, permute: float, device):

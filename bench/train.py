@@ -77,10 +77,11 @@ def main() -> int:
     from train.__main__ import setup_logging
     from train.behaviour import Behaviour, model_archs
     from train.config import TrainConfig
-    from train.data import fit_normalizer, list_models, split_models
+    from train.data import list_models, split_models
     from train.fit import fit, training_streams
     from train.losses import backbone_loss
     from train.model import Backbone
+    from train.normalize import fit_normalizer
     from train.stream import window_collate
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)

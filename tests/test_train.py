@@ -167,7 +167,7 @@ def test_tokens_are_standardized_per_tensor_and_windows_tile_every_token(zoo_cat
 
 
 def test_per_layer_normalization_is_detected_and_keeps_scale_across_models(zoo_catalog):
-    from train.data import Normalizer, fit_normalizer
+    from train.normalize import Normalizer, fit_normalizer
 
     _, cat_path = zoo_catalog
     cat = Catalog.open(str(cat_path))
@@ -195,7 +195,8 @@ def _zoo_tokens(zoo_catalog, n_models: int):
     """The first `n_models` of the shared zoo catalog read for training (per-layer normalization, architectures
     known), and the behaviour of those architectures."""
     from train.behaviour import Behaviour, model_archs
-    from train.data import fit_normalizer, read_models
+    from train.data import read_models
+    from train.normalize import fit_normalizer
 
     cat = Catalog.open(str(zoo_catalog[1]))
     refs = list_models(cat)[:n_models]
@@ -208,8 +209,8 @@ def _zoo_tokens(zoo_catalog, n_models: int):
 def test_decoding_the_true_statistics_rows_gives_back_each_tensors_scale(zoo_catalog):
     """What generation de-normalizes with: the statistics rows, un-standardized and pooled per tensor, give
     back the mean and std that per-tensor normalization used (weights and packed biases)."""
-    from train.behaviour import decoded_scale
-    from train.data import fit_normalizer, read_models
+    from train.data import read_models
+    from train.normalize import decoded_scale, fit_normalizer
 
     cat = Catalog.open(str(zoo_catalog[1]))
     refs = list_models(cat)[:5]
@@ -229,7 +230,7 @@ def test_decoding_the_true_statistics_rows_gives_back_each_tensors_scale(zoo_cat
 
 
 def test_views_permute_hidden_units_and_carry_what_rebuilding_needs(zoo_catalog):
-    from train.behaviour import denormalize
+    from train.normalize import denormalize
 
     _, tokens, beh = _zoo_tokens(zoo_catalog, 6)
     assert all(p is not None for p in tokens.plans)
@@ -312,13 +313,34 @@ def test_ranks_take_equal_steps_and_the_split_holds_out_the_probe_models(zoo_cat
     assert {r.group for r in held5} == tests
 
 
+def test_a_fit_plan_travels_as_plain_data_and_knows_its_split(zoo_catalog):
+    """The plan a fit (and every trial of a sweep) trains on: the split, the normalizer and the architectures,
+    made once on the driver; it survives to_dict/from_dict through JSON and refuses another split."""
+    from train.plan import FitPlan, catalog_id, make_plan
+
+    _, cat_path = zoo_catalog
+    cat = Catalog.open(str(cat_path))
+    cfg = TrainConfig.debug()
+    plan = make_plan(cat, cfg)
+    train, held = split_models(cat, list_models(cat), seeds=list(range(cfg.probe_seeds)))
+    assert plan.train == tuple(train) and plan.held == tuple(held) and plan.catalog == catalog_id(cat)
+    assert plan.split["train_models"] == len(train) and plan.split["held_out_models"] == len(held) > 0
+    assert len(plan.arch_keys) >= 1 and set(plan.archs) == {r.model_id for r in [*train, *held]}
+    back = FitPlan.from_dict(json.loads(json.dumps(plan.to_dict())))
+    assert back == plan
+    assert plan.matches(cat, cfg.split_seed, cfg.probe_seeds, cfg.holdout)
+    assert not plan.matches(cat, cfg.split_seed + 1, cfg.probe_seeds, cfg.holdout)
+    other = plan.renormalized(cat, "per-tensor")
+    assert other.norm.mode == "per-tensor" and other.train == plan.train and other.archs == plan.archs
+
+
 @pytest.mark.ray
 def test_the_ray_data_stream_gives_every_rank_equal_steps_of_whole_model_windows(zoo_catalog, ray_session):
     """Windows from Ray Data, split 3 ways with equal=True (as TorchTrainer does): every rank takes the same
     number of full batches, windows never mix models, and a unit per shard holds whole models."""
     import threading
 
-    from train.data import fit_normalizer
+    from train.normalize import fit_normalizer
     from train.stream import data_config, units, window_collate, window_count, window_dataset
 
     _, cat_path = zoo_catalog

@@ -27,6 +27,7 @@ from catalog import tokenize as tk
 from catalog.query import connect
 from catalog.store import Catalog
 from train.data import Layer, permutation_plan
+from train.normalize import decoded_scale, denormalize
 
 log = logging.getLogger(__name__)
 ARCH_KEYS = ("model::type", "model::nlin", "model::channels_in", "model::o_dim")
@@ -148,17 +149,6 @@ def build_arch(key: str, token_size: int) -> Arch | None:
                 [(names[i], names[plan[i].bias_idx]) for i in carriers])
 
 
-def denormalize(values: Tensor, batch: dict[str, Tensor]) -> Tensor:
-    """Raw weights (B, T, S) from normalized token values: value · σ + μ of the token's tensor, and of its
-    packed bias in the bias column (`n_valid − 1` of tokens with `has_bias`)."""
-    S = values.shape[-1]
-    cols = torch.arange(S, device=values.device)
-    bias_col = batch["has_bias"][..., None] & (cols == (batch["n_valid"] - 1)[..., None])  # (B, T, S)
-    mu = torch.where(bias_col, batch["bmu"][..., None], batch["mu"][..., None])
-    sd = torch.where(bias_col, batch["bsd"][..., None], batch["sd"][..., None])
-    return values.float() * sd + mu
-
-
 _DENORM = ("has_bias", "n_valid", "mu", "sd", "bmu", "bsd")  # what de-normalizing a window needs
 
 
@@ -229,32 +219,6 @@ def accuracy(a: Arch, raw: Tensor, x: Tensor, y: Tensor) -> np.ndarray:
     """Test accuracy (G,) of G models given as de-normalized tokens (G, T, S)."""
     with torch.no_grad():
         return (a.outputs(raw, x).argmax(-1) == y).float().mean(-1).cpu().numpy()
-
-
-def decoded_scale(recon_stats: Tensor, batch: dict[str, Tensor], norm) -> dict[str, Tensor]:
-    """What de-normalizing needs (`mu`, `sd`, `bmu`, `bsd`, (B, T)) as a generator has it: from the decoded
-    statistics rows (B, T, F) (standardized, `train.data.STAT_NAMES`) where normalization was per tensor,
-    averaged over the tokens of each tensor of a window (one tensor = one layer index `l` and role) — every token
-    decodes its tensor's row, and their mean is closer than any one of them; per layer, μ and σ are the
-    population's and need nothing decoded."""
-    out = {k: batch[k] for k in ("mu", "sd", "bmu", "bsd")}
-    if norm is None or norm.mode == "per-layer":
-        return out
-    from train.data import LOG_FLOOR
-
-    z = recon_stats.double() * torch.tensor(norm.stats_sd, dtype=torch.float64) + torch.tensor(norm.stats_mu,
-                                                                                               dtype=torch.float64)
-    real = (batch["n_valid"] > 0).double()  # (B, T)
-    key = batch["l"] * 1024 + batch["role"]  # one tensor: its layer index and role (a dense bias shares the layer)
-    same = (key[:, :, None] == key[:, None, :]).double() * real[:, None, :]  # (B, T, T)
-    pooled = (same @ z) / same.sum(-1, keepdim=True).clamp_min(1.0)  # (B, T, F)
-
-    def scale(x: Tensor) -> Tensor:  # a std of 0 is stored as LOG_FLOOR; its tensor was normalized with σ = 1
-        return torch.where(x > LOG_FLOOR + 1, x.clamp(max=30.0).exp(), torch.ones_like(x))
-
-    out["mu"], out["sd"] = torch.sinh(pooled[..., 0]).float(), scale(pooled[..., 1]).float()
-    out["bmu"], out["bsd"] = torch.sinh(pooled[..., 9]).float(), scale(pooled[..., 10]).float()
-    return out
 
 
 @torch.no_grad()

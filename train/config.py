@@ -22,10 +22,10 @@ from catalog.cli import custom_resources
 from catalog.errors import WildzooError
 from train.losses import LOSS_NORMS, LossConfig
 from train.model import ModelConfig
+from train.normalize import NORMS
 
 SCHEDULES = ("onecycle", "constant")
 FLAVOURS = ("debug", "small", "base")
-NORMS = ("auto", "per-tensor", "per-layer")  # train.data.NORMS
 RETIRED = ("chunk_mb", "cache_mb")  # settings of the per-worker reader before the Ray Data stream: ignored when read
 
 

@@ -33,9 +33,9 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from catalog.errors import WildzooError
 from catalog.roles import ROLES
 from catalog.store import Catalog
+from train.normalize import CLIP, STAT_COLS, Normalizer, center_scale, raw_stat_features
 
 log = logging.getLogger(__name__)
 ROLE_INDEX = {r: i for i, r in enumerate(ROLES)}
@@ -86,150 +86,6 @@ def split_models(cat: Catalog, refs: list[ModelRef], seeds: int | list[int] = 0,
         side = np.concatenate([s.val, s.test]) if len(seeds) == 1 else s.test
         held |= set(pop.groups[side].tolist())
     return [r for r in refs if r.group not in held], [r for r in refs if r.group in held]
-
-
-STAT_NAMES = ("asinh mean", "log std", "asinh q01", "asinh q25", "asinh q50", "asinh q75", "asinh q99",
-              "log rms", "sparsity", "bias asinh mean", "bias log std")
-N_STATS = len(STAT_NAMES)  # F: the statistics row every token carries (its tensor's s(W), compressed)
-NORMS = ("auto", "per-tensor", "per-layer")
-CLIP = 10.0  # normalized values beyond ±CLIP (diverged models) are clipped; their scale is in the statistics row
-LOG_FLOOR = -20.0  # log of a std or rms of 0 (a constant or all-zero tensor)
-
-
-def _log(x: np.ndarray) -> np.ndarray:
-    with np.errstate(divide="ignore", invalid="ignore"):
-        return np.clip(np.log(np.where(x > 0, x, 0.0)), LOG_FLOOR, 30.0)
-
-
-def raw_stat_features(cols: dict[str, np.ndarray], bias: dict[str, np.ndarray] | None = None) -> np.ndarray:
-    """(n, F) compressed statistics of n tensors from their `tensors` columns (mean, std, q01…q99, l2,
-    n_params, sparsity); `bias` (mean, std of each one's packed bias, NaN where none) fills the last two.
-    Missing values become 0. asinh and log keep order and tame diverged models."""
-    n = len(cols["mean"])
-    rms = cols["l2"] / np.sqrt(np.maximum(cols["n_params"], 1))
-    parts = [np.arcsinh(cols["mean"]), _log(cols["std"]), *(np.arcsinh(cols[q]) for q in
-             ("q01", "q25", "q50", "q75", "q99")), _log(rms), cols["sparsity"]]
-    if bias is None:
-        parts += [np.zeros(n), np.zeros(n)]
-    else:
-        has = np.isfinite(bias["mean"])
-        parts += [np.where(has, np.arcsinh(np.nan_to_num(bias["mean"])), 0.0),
-                  np.where(has, _log(np.nan_to_num(bias["std"])), 0.0)]
-    return np.nan_to_num(np.stack(parts, axis=1), nan=0.0, posinf=0.0, neginf=0.0)
-
-
-@dataclass(frozen=True)
-class Normalizer:
-    """How token values are normalized when read (tokens store raw values) and how the statistics row is scaled.
-
-    - `per-tensor` (the wild: layers of different models do not line up): each tensor standardized with its
-      own mean and std; the scale survives only in the statistics row.
-    - `per-layer` (SANE's, for populations whose tensors line up by position and shape): every model's
-      tensor `i` standardized with the same μ and σ, medians over the training split (robust to diverged
-      models), so values keep their scale relative to the population.
-    In both, the statistics row (`STAT_NAMES`) is standardized per feature over the training split.
-    """
-
-    mode: str = "per-tensor"
-    layer: dict[int, tuple[float, float]] = dataclass_field(default_factory=dict)  # tensor_idx -> (μ, σ)
-    stats_mu: tuple[float, ...] = (0.0,) * N_STATS
-    stats_sd: tuple[float, ...] = (1.0,) * N_STATS
-    reason: str = ""  # why `auto` chose this mode
-
-    def to_dict(self) -> dict:
-        return {"mode": self.mode, "layer": {str(k): list(v) for k, v in self.layer.items()},
-                "stats_mu": list(self.stats_mu), "stats_sd": list(self.stats_sd), "reason": self.reason}
-
-    @classmethod
-    def from_dict(cls, d: dict) -> Normalizer:
-        return cls(d["mode"], {int(k): (float(v[0]), float(v[1])) for k, v in d.get("layer", {}).items()},
-                   tuple(d["stats_mu"]), tuple(d["stats_sd"]), d.get("reason", ""))
-
-    @functools.cached_property
-    def layer_arrays(self) -> tuple[np.ndarray, np.ndarray]:
-        """(μ, σ) indexed by tensor_idx (0 and 1 where the training split had no such tensor), built once."""
-        n = max(self.layer, default=-1) + 1
-        mu, sd = np.zeros(n), np.ones(n)
-        for i, (m, v) in self.layer.items():
-            mu[i], sd[i] = m, v
-        return mu, sd
-
-    def scale_stats(self, raw: np.ndarray) -> np.ndarray:
-        return ((raw - np.asarray(self.stats_mu)) / np.asarray(self.stats_sd)).astype(np.float32)
-
-    def unscale_stats(self, z: np.ndarray) -> np.ndarray:
-        return z * np.asarray(self.stats_sd) + np.asarray(self.stats_mu)
-
-
-_STAT_COLS = ("mean", "std", "q01", "q25", "q50", "q75", "q99", "l2", "n_params", "sparsity")
-
-
-def fit_normalizer(cat: Catalog, refs: list[ModelRef], mode: str = "auto") -> Normalizer:
-    """The normalization of `mode` fitted on the tensors of `refs` (the training split).
-
-    `auto` is `per-layer` when every model of `refs` has the same sequence of tensor shapes, else `per-tensor`.
-    """
-    if mode not in NORMS:
-        raise WildzooError(f"norm must be one of {', '.join(NORMS)}, got {mode!r}")
-    con = duckdb.connect(":memory:")
-    ten = pa.concat_tables([pq.read_table(p, filesystem=cat.fs, columns=["model_id", "tensor_idx", "shape",
-                                          "packed_into", *_STAT_COLS]) for p in cat.files("tensors")])
-    con.register("ten", ten)
-    con.register("chosen", pa.table({"model_id": [r.model_id for r in refs]}))
-    t = con.sql("""SELECT t.* FROM ten t JOIN chosen USING (model_id) ORDER BY model_id, tensor_idx""").to_arrow_table()
-    sigs = con.execute("""SELECT count(DISTINCT sig) FROM (SELECT string_agg(array_to_string(shape, 'x'), ','
-                      ORDER BY tensor_idx) AS sig FROM ten JOIN chosen USING (model_id) GROUP BY model_id)""").fetchone()[0]
-    aligned = sigs == 1
-    layer: dict[int, tuple[float, float]] = {}
-    off = 0.0
-    if aligned:
-        rows = con.execute("""SELECT tensor_idx, median(mean), median(std) FILTER (std > 0) FROM ten JOIN chosen
-                              USING (model_id) WHERE std IS NOT NULL GROUP BY tensor_idx""").fetchall()
-        layer = {int(i): (float(m or 0.0), float(s) if s and s > 0 else 1.0) for i, m, s in rows}
-        off = _off_scale(t, layer)
-    why = "layouts differ"
-    if mode == "auto":
-        mode = "per-layer" if aligned and off <= MAX_OFF_SCALE else "per-tensor"
-        if aligned:
-            why = (f"tensors line up; per-layer statistics would leave {off:.0%} of the training tensors at a mean "
-                   f"square above {OFF_SCALE:g}" + (" (scales differ by orders of magnitude across models)"
-                                                    if mode == "per-tensor" else ""))
-    elif mode == "per-layer" and not aligned:
-        raise WildzooError(f"norm per-layer needs models whose tensors line up (same shapes in the same order); "
-                           f"the training split holds {sigs} layouts: use per-tensor")
-    if mode != "per-layer":
-        layer = {}
-    con.close()
-    cols = {c: t.column(c).to_numpy(zero_copy_only=False).astype(np.float64) for c in _STAT_COLS}
-    raw = raw_stat_features(cols)
-    keep = np.isfinite(cols["std"])
-    raw = raw[keep] if keep.any() else raw
-    mu, sd = raw.mean(0), raw.std(0)
-    # the bias features reuse the weight's mean/std scaling (they are the same kind of number)
-    mu[9:], sd[9:] = mu[:2], sd[:2]
-    sd = np.where(sd > 1e-6, sd, 1.0)
-    log.info("normalization %s (%s)", mode, why)
-    return Normalizer(mode, layer, tuple(float(x) for x in mu), tuple(float(x) for x in sd), reason=why)
-
-
-OFF_SCALE = 10.0  # a normalized tensor whose mean square is above this is off the unit scale
-MAX_OFF_SCALE = 0.1  # `auto` takes per-layer only when at most this fraction of training tensors would be off scale
-
-
-def _off_scale(t: pa.Table, layer: dict[int, tuple[float, float]]) -> float:
-    """The fraction of the training tensors (rows of `t`) whose mean square after per-layer normalization,
-    ((mean − μ)² + std²) / σ², is above OFF_SCALE (below is harmless: a near-constant tensor, such as biases
-    at their initial value, normalizes to near zero)."""
-    idx = t.column("tensor_idx").to_numpy()
-    mean = t.column("mean").to_numpy(zero_copy_only=False).astype(np.float64)
-    std = t.column("std").to_numpy(zero_copy_only=False).astype(np.float64)
-    ok = np.isfinite(mean) & np.isfinite(std) & np.isin(idx, list(layer))
-    if not ok.any():
-        return 0.0
-    mu = np.array([layer[int(i)][0] for i in idx[ok]])
-    sd = np.array([layer[int(i)][1] for i in idx[ok]])
-    ms = ((mean[ok] - mu) ** 2 + std[ok] ** 2) / sd ** 2
-    return float((ms > OFF_SCALE).mean())
 
 
 @dataclass(frozen=True)
@@ -428,11 +284,11 @@ def read_tokens(cat: Catalog, shard: str, model_ids: list[str], norm: Normalizer
                         columns=["model_id", "token_idx", "tensor_idx", "layer_idx", "row_idx", "values", "n_valid"])
     ten = pq.read_table(f"{cat.root}/tensors/{shard}.parquet", filesystem=cat.fs, filters=wanted,
                         columns=["model_id", "tensor_idx", "role", "shape", "token_start", "n_tokens",
-                                 "packed_into", "norm_mean", "norm_std", *_STAT_COLS])
+                                 "packed_into", "norm_mean", "norm_std", *STAT_COLS])
     con = _database().cursor()
     con.register("tok", tok)
     con.register("ten", ten)
-    stat_cols = ", ".join(f"w.{c} AS s_{c}" for c in _STAT_COLS)
+    stat_cols = ", ".join(f"w.{c} AS s_{c}" for c in STAT_COLS)
     # b: the bias that row tokenization packs into the last column of this tensor's rows, if any
     t = con.sql(
         f"""SELECT tok.model_id, token_idx, tok.tensor_idx, layer_idx, row_idx, n_valid, "values",
@@ -455,23 +311,6 @@ def read_tokens(cat: Catalog, shard: str, model_ids: list[str], norm: Normalizer
     return tokens
 
 
-def _stat(t: pa.Table, name: str, default: float) -> np.ndarray:
-    x = t.column(name).to_numpy(zero_copy_only=False).astype(np.float64)
-    bad = ~np.isfinite(x) | (x <= 0 if name.endswith("std") else np.zeros(len(x), dtype=bool))
-    return np.where(bad, default, x).astype(np.float32)
-
-
-def _center_scale(t: pa.Table, norm: Normalizer, idx_col: str, mean_col: str, std_col: str) -> tuple[np.ndarray, np.ndarray]:
-    """(μ, σ) per token row: the tensor's own (per-tensor) or its layer's over the population (per-layer)."""
-    if norm.mode == "per-layer":
-        mu_of, sd_of = norm.layer_arrays
-        idx = t.column(idx_col).fill_null(-1).to_numpy().astype(np.int64)
-        known = (idx >= 0) & (idx < len(mu_of))
-        idx = np.where(known, idx, 0)
-        return np.where(known, mu_of[idx], 0.0).astype(np.float32), np.where(known, sd_of[idx], 1.0).astype(np.float32)
-    return _stat(t, mean_col, 0.0), _stat(t, std_col, 1.0)
-
-
 def _normalize(t: pa.Table, token_size: int, norm: Normalizer) -> Tokens:
     """Tokens from the joined table: every entry normalized as `norm` says, its statistics row attached."""
     ids = t.column("model_id").to_numpy(zero_copy_only=False)
@@ -482,7 +321,7 @@ def _normalize(t: pa.Table, token_size: int, norm: Normalizer) -> Tokens:
     raw = flat.astype(np.float32, copy=False).reshape(len(ids), token_size)
     n_valid = t.column("n_valid").to_numpy().astype(np.int64)
     real = np.arange(token_size) < n_valid[:, None]  # (N, S)
-    mean, std = _center_scale(t, norm, "tensor_idx", "norm_mean", "norm_std")
+    mean, std = center_scale(t, norm, "tensor_idx", "norm_mean", "norm_std")
     values = np.where(real, (raw - mean[:, None]) / std[:, None], 0.0)
 
     def col(name: str) -> np.ndarray:
@@ -497,7 +336,7 @@ def _normalize(t: pa.Table, token_size: int, norm: Normalizer) -> Tokens:
     bmu, bsd = np.zeros(len(ids), np.float32), np.ones(len(ids), np.float32)
     if len(at):
         j = n_valid[at] - 1
-        bias_mean, bias_std = _center_scale(t.take(pa.array(at)), norm, "bias_idx", "bias_mean", "bias_std")
+        bias_mean, bias_std = center_scale(t.take(pa.array(at)), norm, "bias_idx", "bias_mean", "bias_std")
         values[at, j] = (raw[at, j] - bias_mean) / bias_std
         bmu[at], bsd[at] = bias_mean, bias_std
     has_bias = np.zeros(len(ids), dtype=bool)
@@ -506,7 +345,7 @@ def _normalize(t: pa.Table, token_size: int, norm: Normalizer) -> Tokens:
     roles = t.column("role").to_pylist()
     role = np.array([ROLE_INDEX.get(r, OTHER_ROLE) for r in roles], dtype=np.int64)
     # what normalizing takes away, kept as an input and a target: the scale tells diverged and untrained models apart
-    cols = {c: t.column(f"s_{c}").to_numpy(zero_copy_only=False).astype(np.float64) for c in _STAT_COLS}
+    cols = {c: t.column(f"s_{c}").to_numpy(zero_copy_only=False).astype(np.float64) for c in STAT_COLS}
     bias = {"mean": np.where(carries, t.column("bias_mean").to_numpy(zero_copy_only=False).astype(np.float64), np.nan),
             "std": np.where(carries, t.column("bias_std").to_numpy(zero_copy_only=False).astype(np.float64), np.nan)}
     stats = norm.scale_stats(raw_stat_features(cols, bias))

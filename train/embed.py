@@ -30,9 +30,10 @@ from catalog.errors import WildzooError
 from catalog.query import connect
 from catalog.store import Catalog
 from train.config import TrainConfig
-from train.data import ModelRef, Normalizer, list_models, tiled_batches
+from train.data import ModelRef, list_models, tiled_batches
 from train.fit import to_device
 from train.model import Backbone
+from train.normalize import Normalizer
 from train.run import RunDir
 
 log = logging.getLogger(__name__)

@@ -1,11 +1,11 @@
 """`train fit`: the backbone trained data-parallel with Ray Train (DDP; gloo on CPUs, NCCL on GPUs).
 
-The driver (`fit`) reads the catalog's model list, splits it by trained model, writes RUN/config.json
-and starts a `TorchTrainer`. Each worker (`train_loop`) streams its share of the windows
-(train/data.py), trains with AdamW, a one-cycle schedule, gradient clipping and — on CUDA only —
+The driver (`fit`) makes the fit's plan (train/plan.py: the models split by trained model, the normalizer,
+the architectures), writes RUN/config.json and starts a `TorchTrainer` on the Ray Data window stream
+(train/stream.py). Each worker (`train_loop`) reads its shard of the windows, trains with AdamW, a one-cycle schedule, gradient clipping and — on CUDA only —
 bfloat16 autocast, and reports metrics every epoch with a checkpoint (model, optimizer, scheduler,
-epoch and loss history through `state_dict()`), written by rank 0 while every rank calls
-`ray.train.report` (a barrier).
+epoch and loss history through `state_dict()`: train/checkpoint.py), written by rank 0 while every rank
+calls `ray.train.report` (a barrier).
 
 Resuming is rerunning: the same RUN gives the same `RunConfig(name, storage_path)`, Ray Train
 restores its checkpoint list, and `ray.train.get_checkpoint()` at the start of the loop hands the
@@ -17,13 +17,13 @@ At the end the driver writes RUN/backbone.pt (the model's state_dict) for `train
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import logging
 import math
 import os
-import tempfile
 import time
-from dataclasses import asdict, astuple
+from dataclasses import asdict
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -34,18 +34,14 @@ import torch
 from catalog.errors import WildzooError
 from catalog.rayenv import ray_session
 from catalog.store import Catalog
-from train.behaviour import model_archs, reconstruction_report
+from train.behaviour import reconstruction_report
+from train.checkpoint import load_state, report_state, restore, run_meta
 from train.config import TrainConfig
-from train.data import (
-    ModelRef,
-    Normalizer,
-    fit_normalizer,
-    list_models,
-    split_models,
-)
 from train.losses import backbone_loss
 from train.model import Backbone, ModelConfig
-from train.run import MODEL_FILE, RAY_RUN_NAME, RunDir, new_run_id
+from train.normalize import Normalizer
+from train.plan import FitPlan, make_plan
+from train.run import MODEL_FILE, RAY_RUN_NAME, RunDir
 from train.stream import data_config, window_count, window_dataset
 
 log = logging.getLogger(__name__)
@@ -136,7 +132,6 @@ def train_loop(config: dict[str, Any]) -> dict[str, Any]:
     """One Ray Train worker: stream windows, fit, report and checkpoint every epoch."""
     import ray.train
     import ray.train.torch
-    from ray.train import Checkpoint
 
     ours = logging.getLogger("train")
     if not ours.handlers:  # the worker's progress lines reach the driver's console through Ray's log forwarding
@@ -162,7 +157,8 @@ def train_loop(config: dict[str, Any]) -> dict[str, Any]:
     # another source of training batches than the stream (`fit(source=…)`: the data path the stream replaced, to
     # measure the stream against it in bench/stream_vs_reader.py)
     steps_per_epoch = int(config["steps_per_epoch"])
-    reader = config["source"](config["plan"], rank, world, steps_per_epoch) if config.get("source") else None
+    plan = FitPlan.from_dict(config["plan"])
+    reader = config["source"](plan, cfg, rank, world, steps_per_epoch) if config.get("source") else None
     train_shard = ray.train.get_dataset_shard("train") if reader is None else None
     val_shard = ray.train.get_dataset_shard("val") if config.get("val_windows") else None
     pin = device.type == "cuda"
@@ -178,20 +174,13 @@ def train_loop(config: dict[str, Any]) -> dict[str, Any]:
     if cfg.behaviour > 0 or cfg.model.behaviour_queries > 0:
         from train.behaviour import N_QUERY, Behaviour
 
-        behaviour = Behaviour(config.get("arch_keys") or [], cfg.model.token_size,
+        behaviour = Behaviour(list(plan.arch_keys), cfg.model.token_size,
                               n_query=max(N_QUERY, cfg.model.behaviour_queries),
                               n_head=cfg.model.behaviour_queries or N_QUERY).to(device)
 
     torch.manual_seed(cfg.seed)  # identical initial weights on every rank (DDP broadcasts rank 0's anyway)
     model = Backbone(cfg.model)
-    state = None
-    checkpoint = ray.train.get_checkpoint()
-    if checkpoint is not None:
-        with checkpoint.as_directory() as d:
-            state = torch.load(os.path.join(d, "state.pt"), map_location="cpu", weights_only=True)
-        if state["model_config"] != asdict(cfg.model):
-            raise ValueError("the checkpoint holds a different model configuration than this run asks for")
-        model.load_state_dict(state["model"])
+    state = restore(ray.train.get_checkpoint(), model, cfg.model)
     model = ray.train.torch.prepare_model(model)
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     total_steps = cfg.epochs * steps_per_epoch
@@ -270,11 +259,7 @@ def train_loop(config: dict[str, Any]) -> dict[str, Any]:
                         if k not in ("epoch", "step"):
                             writer.add_scalar(f"train/{k}", v, int(r["step"]))
                 writer.flush()
-            with tempfile.TemporaryDirectory() as d:
-                torch.save({"model": _unwrap(model).state_dict(), "optimizer": optimizer.state_dict(),
-                            "scheduler": scheduler.state_dict(), "epoch": epoch, "history": history,
-                            "model_config": asdict(cfg.model)}, os.path.join(d, "state.pt"))
-                ray.train.report(metrics, checkpoint=Checkpoint.from_directory(d))
+            report_state(metrics, _unwrap(model), optimizer, scheduler, epoch, history, cfg.model)
         else:
             ray.train.report(metrics, checkpoint=None)
     if writer is not None:
@@ -302,36 +287,11 @@ def _check_resources(cfg: TrainConfig) -> None:
                            f"stream need {need_cpu:g} CPUs; this Ray has {have.get('CPU', 0):g}")
 
 
-def _catalog_id(cat: Catalog) -> str:
-    """The catalog as every process can open it: its URI, or its absolute path."""
-    return cat.uri if "://" in cat.uri else cat.root
-
-
-def _run_meta(run: RunDir, cat: Catalog, cfg: TrainConfig, split: dict[str, Any]) -> dict[str, Any]:
-    """The contents of RUN/config.json: new, or checked against the run it resumes (same catalog and model)."""
-    if run.exists("config.json"):
-        meta = run.meta()
-        old = meta.get("config", {}).get("model")
-        if old != asdict(cfg.model):
-            changed = sorted(k for k in asdict(cfg.model) if (old or {}).get(k) != asdict(cfg.model)[k])
-            raise WildzooError(f"{run.uri} holds a run with a different model ({', '.join(changed)} differ): "
-                               f"use a new --out, or the run's own config")
-        if meta.get("catalog") != _catalog_id(cat):
-            raise WildzooError(f"{run.uri} was trained on catalog {meta.get('catalog')}, not {_catalog_id(cat)}: "
-                               f"use a new --out")
-        log.info("resuming run %s (%d epoch(s) trained so far)", meta["run_id"], meta.get("epochs_trained", 0))
-    else:
-        meta = {"run_id": new_run_id(run), "catalog": _catalog_id(cat), "token_size": cat.spec.token_size,
-                "epochs_trained": 0, "history": []}
-    meta.update(config=cfg.to_dict(), split=split)
-    return meta
-
-
-def training_streams(cat: Catalog, cfg: TrainConfig, train_refs: list[ModelRef], held: list[ModelRef],
-                     norm: Normalizer, archs: dict[str, int]) -> tuple[dict[str, Any], dict[str, int]]:
+def training_streams(cat: Catalog, cfg: TrainConfig, plan: FitPlan) -> tuple[dict[str, Any], dict[str, int]]:
     """The Ray Data streams of a fit ({"train", and "val" when models are held out}) and the counts the
     workers need: windows per epoch, steps per epoch (equal on every rank: `streaming_split(equal=True)`
     gives each rank ⌊windows / workers⌋ and the loop drops the last partial batch), validation windows."""
+    train_refs, held = list(plan.train), list(plan.held)
     unit_tokens = max(1, cfg.unit_mb * 2**20 // (cat.spec.token_size * 4))
     windows = window_count(train_refs, cfg.model.window, cfg.views)
     steps = windows // cfg.workers // cfg.batch_size
@@ -339,28 +299,29 @@ def training_streams(cat: Catalog, cfg: TrainConfig, train_refs: list[ModelRef],
         raise WildzooError(f"{len(train_refs)} training model(s) give {windows} windows per epoch: too few for "
                            f"{cfg.workers} worker(s) × batches of {cfg.batch_size}; use fewer workers or a "
                            f"smaller batch_size")
-    kw = {"window": cfg.model.window, "norm": norm, "archs": archs, "unit_tokens": unit_tokens,
+    kw = {"window": cfg.model.window, "norm": plan.norm, "archs": plan.archs, "unit_tokens": unit_tokens,
           "data_cpus": cfg.data_cpus, "seed": cfg.seed}
-    datasets = {"train": window_dataset(_catalog_id(cat), train_refs, train=True, views=cfg.views, **kw)}
+    datasets = {"train": window_dataset(plan.catalog, train_refs, train=True, views=cfg.views, **kw)}
     val = 0
     if held and cfg.val_batches:
         val = min(window_count(held, cfg.model.window), cfg.val_batches * cfg.batch_size * cfg.workers)
         val -= val % cfg.workers
         if val:
-            datasets["val"] = window_dataset(_catalog_id(cat), held, train=False, **kw).limit(val)
+            datasets["val"] = window_dataset(plan.catalog, held, train=False, **kw).limit(val)
     return datasets, {"windows_per_epoch": windows, "steps_per_epoch": steps, "val_windows": val}
 
 
 def fit(catalog: str, out: str, cfg: TrainConfig, callbacks: list | None = None,
-        reconstruction: bool = True, quiet: bool = False, source=None) -> dict[str, Any]:
+        reconstruction: bool = True, quiet: bool = False, source=None, plan: FitPlan | None = None) -> dict[str, Any]:
     """Train (or resume) the backbone on `catalog` into the run folder `out`; returns a summary.
 
     `callbacks`: Ray Train callbacks (`train tune` passes Tune's report callback); `reconstruction`: rebuild the
     held-out models at the end and report the accuracy they keep; `quiet`: the workers log warnings only (a sweep
     prints its own line per epoch and trial); `source`: instead of the Ray Data stream, a picklable callable
-    `source(plan, rank, world, steps)` run in each worker, returning an object whose `epoch(epoch, permute, device)`
-    yields that many collated batches; `plan` holds the catalog, training models (ModelRef fields), normalizer,
-    architecture indices, window, batch size, views and seed (bench/stream_vs_reader.py: the previous path)."""
+    `source(plan, cfg, rank, world, steps)` run in each worker (a FitPlan, the TrainConfig), returning an object
+    whose `epoch(epoch, permute, device)` yields that many collated batches (bench/stream_vs_reader.py: the previous
+    path); `plan`: the fit's plan made already (`train tune` shares one among its trials; it must be of this
+    catalog and split); a resumed run keeps its own normalizer."""
     from ray.train import (
         CheckpointConfig,
         FailureConfig,
@@ -377,23 +338,19 @@ def fit(catalog: str, out: str, cfg: TrainConfig, callbacks: list | None = None,
         raise WildzooError(f"model.token_size {cfg.model.token_size} does not match the catalog's "
                            f"{cat.spec.token_size}: leave it out (0) to take the catalog's")
     cfg = cfg.replace(model=ModelConfig(**{**asdict(cfg.model), "token_size": cat.spec.token_size}))
-    refs = list_models(cat)
-    if not refs:
-        raise WildzooError(f"catalog {cat.uri} has no ok models with tokens to train on")
-    seeds = list(range(cfg.split_seed, cfg.split_seed + cfg.probe_seeds))
-    train_refs, held = split_models(cat, refs, seeds) if cfg.holdout else (refs, [])
-    if len(train_refs) < cfg.workers:
-        raise WildzooError(f"{len(train_refs)} training model(s) cannot feed {cfg.workers} workers")
-    split = {"seed": cfg.split_seed, "seeds": seeds, "holdout": cfg.holdout, "train_models": len(train_refs),
-             "held_out_models": len(held), "train_groups": len({r.group for r in train_refs}),
-             "held_out_groups": len({r.group for r in held})}
     run = RunDir.at(out)
-    meta = _run_meta(run, cat, cfg, split)
-    norm = Normalizer.from_dict(meta["norm"]) if "norm" in meta else fit_normalizer(cat, train_refs, cfg.norm)
+    saved = run.meta().get("norm") if run.exists("config.json") else None
+    if plan is not None and not plan.matches(cat, cfg.split_seed, cfg.probe_seeds, cfg.holdout):
+        raise WildzooError("the plan given to fit was made for another catalog or split")
+    if plan is None:
+        plan = make_plan(cat, cfg, norm=Normalizer.from_dict(saved) if saved else None)
+    elif saved:
+        plan = dataclasses.replace(plan, norm=Normalizer.from_dict(saved))
+    if len(plan.train) < cfg.workers:
+        raise WildzooError(f"{len(plan.train)} training model(s) cannot feed {cfg.workers} workers")
+    split, norm, held = plan.split, plan.norm, list(plan.held)
+    meta = run_meta(run, plan.catalog, plan.token_size, cfg, split)
     meta["norm"] = norm.to_dict()
-    arch_of = model_archs(cat, [r.model_id for r in refs])
-    keys = sorted(set(arch_of.values()))
-    archs = {m: keys.index(k) for m, k in arch_of.items()}
     if meta.get("epochs_trained", 0) >= cfg.epochs and run.exists(MODEL_FILE):
         log.info("run %s has trained %d epoch(s) already: nothing to do", meta["run_id"], meta["epochs_trained"])
         return {"run_id": meta["run_id"], "run": run.uri, "start_epoch": meta["epochs_trained"],
@@ -401,7 +358,7 @@ def fit(catalog: str, out: str, cfg: TrainConfig, callbacks: list | None = None,
                 "split": split, "workers": cfg.workers,
                 "n_params": sum(v.numel() for v in run.load_state_dict().values()), "norm": norm.mode}
     log.info("fit %s on %s: %d models for training (%d trained models), %d held out; %d worker(s)",
-             meta["run_id"], cat.uri, len(train_refs), split["train_groups"], len(held), cfg.workers)
+             meta["run_id"], cat.uri, len(plan.train), split["train_groups"], len(held), cfg.workers)
     # logical CPUs: a worker is a slot, not a core (on 2 cores, 2 workers of 2 threads still run); Ray Data's
     # window tasks get slots of their own on top (train/stream.py: otherwise no read task ever starts)
     with ray_session(cfg.workers * cfg.cpus_per_worker + math.ceil(cfg.data_cpus)):
@@ -409,18 +366,14 @@ def fit(catalog: str, out: str, cfg: TrainConfig, callbacks: list | None = None,
         run.write_meta(meta)
         resources = {"CPU": cfg.cpus_per_worker, **({"GPU": cfg.gpus_per_worker} if cfg.gpus_per_worker else {}),
                      **cfg.worker_resources}
-        datasets, stream = training_streams(cat, cfg, train_refs, held, norm, archs)
+        datasets, stream = training_streams(cat, cfg, plan)
         if source is not None:
             del datasets["train"]
-            stream.update(source=source, plan={
-                "catalog": _catalog_id(cat), "refs": [list(astuple(r)) for r in train_refs], "norm": norm.to_dict(),
-                "archs": archs, "window": cfg.model.window, "batch_size": cfg.batch_size, "views": cfg.views,
-                "seed": cfg.seed})
+            stream.update(source=source)
         trainer = TorchTrainer(
             train_loop,
             train_loop_config={"cfg": cfg.to_dict(), "verbose": log.isEnabledFor(logging.DEBUG), "run": run.uri,
-                               "quiet": quiet,
-                               "arch_keys": keys, **stream},
+                               "quiet": quiet, "plan": plan.to_dict(), **stream},
             datasets=datasets, dataset_config=data_config(cfg.data_cpus),
             scaling_config=ScalingConfig(num_workers=cfg.workers, use_gpu=cfg.gpus_per_worker > 0,
                                          resources_per_worker=resources),
@@ -439,18 +392,17 @@ def fit(catalog: str, out: str, cfg: TrainConfig, callbacks: list | None = None,
     returned = result.return_value or {}
     if result.checkpoint is None:
         raise WildzooError(f"the fit of {run.uri} ended without a checkpoint")
-    with result.checkpoint.as_directory() as d:
-        state = torch.load(os.path.join(d, "state.pt"), map_location="cpu", weights_only=True)
+    state = load_state(result.checkpoint)
     run.save_state_dict(state["model"])
     history = [{k: float(v) for k, v in h.items()} for h in state["history"]]
     meta.update(epochs_trained=state["epoch"] + 1, history=history)
     run.write_meta(meta)
     plot_curve(run, history)
     report = None
-    if held and keys and reconstruction:
+    if held and plan.arch_keys and reconstruction:
         backbone = Backbone(cfg.model)
         backbone.load_state_dict(state["model"])
-        report = reconstruction_report(backbone.eval(), cat, held, norm, archs, keys)
+        report = reconstruction_report(backbone.eval(), cat, held, norm, plan.archs, list(plan.arch_keys))
         meta["reconstruction"] = report
         run.write_meta(meta)
     return {"run_id": meta["run_id"], "run": run.uri, "start_epoch": returned.get("start_epoch", state["epoch"] + 1),

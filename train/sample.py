@@ -45,12 +45,11 @@ from train.behaviour import (
     Arch,
     arch_properties,
     build_arch,
-    decoded_scale,
-    denormalize,
     input_shape,
     model_archs,
 )
-from train.data import ModelRef, Normalizer, list_models, split_models, tiled_batches
+from train.data import ModelRef, list_models, split_models, tiled_batches
+from train.normalize import Normalizer, decoded_scale, denormalize
 
 log = logging.getLogger(__name__)
 METHODS = ("kde", "interp", "gauss")

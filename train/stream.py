@@ -35,7 +35,8 @@ from typing import Any
 import numpy as np
 
 from catalog.store import Catalog
-from train.data import BatchArrays, ModelRef, Normalizer, n_windows, packed_units, permute_views, read_models
+from train.data import BatchArrays, ModelRef, n_windows, packed_units, permute_views, read_models
+from train.normalize import Normalizer
 
 log = logging.getLogger(__name__)
 def units(refs: list[ModelRef], unit_tokens: int) -> list[dict[str, Any]]:

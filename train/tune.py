@@ -38,7 +38,9 @@ from ray.tune import Callback
 from catalog.errors import WildzooError
 from catalog.rayenv import ray_session
 from catalog.store import Catalog, atomic_write
-from train.config import NORMS, TrainConfig
+from train.config import TrainConfig
+from train.normalize import NORMS
+from train.plan import catalog_id as plan_catalog_id
 
 log = logging.getLogger(__name__)
 SWEPT = ("gamma", "tau", "behaviour", "lr", "norm", "window")
@@ -70,10 +72,11 @@ def validation_score(catalog: str, run_uri: str, split_seed: int) -> dict[str, f
     """The probe's validation R² of a run's embeddings, per property, and their mean (`score`); NaN without
     properties to predict."""
     from train import probe
-    from train.data import Normalizer, list_models
+    from train.data import list_models
     from train.embed import embed_models, load_backbone
     from train.evaluate import NUMERIC_TARGETS
     from train.features import load_population
+    from train.normalize import Normalizer
     from train.run import RunDir
 
     cat = Catalog.open(catalog)
@@ -98,7 +101,23 @@ def validation_score(catalog: str, run_uri: str, split_seed: int) -> dict[str, f
     return scores
 
 
-def run_trial(config: dict[str, Any]) -> None:
+def shared_plans(cat: Catalog, base: TrainConfig) -> dict[str, dict[str, Any]]:
+    """One fit plan (train/plan.py) per normalization the search space draws from, made once for every trial: the
+    split and architectures are shared, each mode has its normalizer. A mode the catalog cannot take (per-layer on
+    models that do not line up) is left out: its trials make their own plan and fail with fit's message."""
+    from train.plan import make_plan
+
+    first = make_plan(cat, base)
+    plans = {}
+    for mode in NORMS:
+        try:
+            plans[mode] = (first if mode == base.norm else first.renormalized(cat, mode)).to_dict()
+        except WildzooError:
+            continue
+    return plans
+
+
+def run_trial(config: dict[str, Any], plans: dict[str, dict[str, Any]] | None = None) -> None:
     """One trial (a Tune function trainable): `train fit` into DIR/trials/<trial id>-<settings digest> with Tune's report
     callback,
     then, if ASHA let it finish, the validation score."""
@@ -106,6 +125,7 @@ def run_trial(config: dict[str, Any]) -> None:
     from ray.tune.integration.ray_train import TuneReportCallback
 
     from train.fit import fit
+    from train.plan import FitPlan
 
     logging.getLogger("train").setLevel(logging.WARNING)  # the sweep's own lines say what each trial did
     cfg = trial_config(TrainConfig.from_dict(config["base"]), config)
@@ -113,8 +133,12 @@ def run_trial(config: dict[str, Any]) -> None:
     # trial's id to another draw on --resume, which must not resume the lost trial's run (another model)
     digest = hashlib.sha1(json.dumps(cfg.to_dict(), sort_keys=True).encode()).hexdigest()[:8]
     run = f"{config['dir'].rstrip('/')}/trials/{ray.tune.get_context().get_trial_id()}-{digest}"
+    plan = FitPlan.from_dict(plans[cfg.norm]) if plans and cfg.norm in plans else None
+    if plan is not None and not plan.matches(Catalog.open(config["catalog"]), cfg.split_seed, cfg.probe_seeds,
+                                             cfg.holdout):
+        plan = None  # a resumed sweep started with another split than this command line's
     s = fit(config["catalog"], run, cfg, callbacks=[TuneReportCallback()], reconstruction=False,
-            quiet=True)
+            quiet=True, plan=plan)
     last = s["history"][-1] if s["history"] else {}
     scores = validation_score(config["catalog"], run, cfg.split_seed)
     ray.tune.report({"epoch": s["epochs"], "loss": last.get("loss", math.nan),
@@ -181,14 +205,16 @@ def tune(catalog: str, out: str, base: TrainConfig, samples: int = 8, resume: bo
     per_trial = _resources_per_trial(base)
     concurrent = concurrent or max(1, (os.cpu_count() or 1) // max(1, base.workers * base.cpus_per_worker))
     metric = asha_metric(base)
-    catalog_id = cat.uri if "://" in cat.uri else cat.root
+    catalog_id = plan_catalog_id(cat)
     root.mkdir(parents=True, exist_ok=True)
     param_space = {"base": base.to_dict(), "catalog": catalog_id, "dir": str(root), **search_space(base)}
     # the trial's driver mostly waits on its workers, which hold the CPUs: a token slot (Tune needs one > 0)
-    trainable = rt.with_resources(run_trial, {"CPU": TRIAL_CPU})
+    plans = shared_plans(cat, base)
     # logical CPUs: `concurrent` trials, each with its workers and Ray Data's window tasks (train/fit.py); on
     # fewer cores than that, Tune + Train + Data deadlock on backpressured reads unless slots are oversubscribed
     with ray_session(math.ceil(concurrent * (per_trial + TRIAL_CPU))):
+        # the plans go to the object store once (with_parameters needs a running Ray), every trial reads them
+        trainable = rt.with_resources(rt.with_parameters(run_trial, plans=plans), {"CPU": TRIAL_CPU})
         if existing:
             log.info("resuming the sweep in %s", root)
             # a trial killed before its first report has no results yet: Tune warns, then restarts it
