@@ -75,13 +75,12 @@ def main() -> int:
     from catalog.rayenv import ensure_ray
     from catalog.store import Catalog
     from train.__main__ import setup_logging
-    from train.behaviour import Behaviour, model_archs
+    from train.behaviour import Behaviour
     from train.config import TrainConfig
-    from train.data import list_models, split_models
     from train.fit import fit, training_streams
     from train.losses import backbone_loss
     from train.model import Backbone
-    from train.normalize import fit_normalizer
+    from train.plan import make_plan
     from train.stream import window_collate
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -91,29 +90,29 @@ def main() -> int:
     ap.add_argument("--peak-tflops", type=float, default=0.0, help="the GPU's bf16 peak, for MFU (cuda)")
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--data-cpus", type=float, default=1.0, help="CPU slots Ray Data gets (the fit's --data-cpus)")
+    ap.add_argument("--unit-mb", type=int, default=0, help="tokens each Ray Data task reads (the fit's unit_mb; 0: the flavour's)")
     ap.add_argument("--scale", type=int, default=4, help="the larger catalog for peak memory (default 4×; 0: no memory figures)")
     ap.add_argument("--batches", type=int, default=60, help="training steps timed (default 60)")
-    ap.add_argument("--stream-epochs", type=int, default=3, help="epochs of the stream drained (default 3)")
+    ap.add_argument("--stream-epochs", type=int, default=5,
+                    help="epochs of the stream drained (default 5: the first pays Ray Data's start, the next few still warm up)")
     ap.add_argument("--out", default=str(ROOT / "bench" / "out"))
     args = ap.parse_args()
     setup_logging(False)
     cfg = TrainConfig.flavour(args.flavour).replace(workers=args.workers, data_cpus=args.data_cpus)
+    if args.unit_mb:
+        cfg = cfg.replace(unit_mb=args.unit_mb)
     if args.device == "cuda":
         cfg = cfg.replace(gpus_per_worker=1.0)
     cat = Catalog.open(args.catalog)
     cfg = cfg.replace(model=cfg.model.__class__(**{**cfg.model.__dict__, "token_size": cat.spec.token_size}))
-    refs = list_models(cat)
-    train_refs, held = split_models(cat, refs, seeds=[0, 1, 2, 3, 4])
-    norm = fit_normalizer(cat, train_refs, cfg.norm)
-    arch_of = model_archs(cat, [r.model_id for r in refs])
-    keys = sorted(set(arch_of.values()))
-    archs = {m: keys.index(k) for m, k in arch_of.items()}
+    plan = make_plan(cat, cfg)  # what the fit trains on: split of the probe's 5 seeds, normalizer, architectures
+    train_refs, keys = plan.train, list(plan.arch_keys)
     print(f"catalog {cat.uri}: {len(train_refs)} training models; flavour {args.flavour}, batch {cfg.batch_size}, "
           f"window {cfg.model.window}, {args.workers} worker(s) × {cfg.cpus_per_worker} CPU, data CPUs {cfg.data_cpus:g}")
 
     # 1. the stream alone: one epoch of training windows drained with the fit's collate, no model
     started = ensure_ray(cfg.workers * cfg.cpus_per_worker + int(np.ceil(cfg.data_cpus)))
-    datasets, counts = training_streams(cat, cfg, train_refs, held, norm, archs)
+    datasets, counts = training_streams(cat, cfg, plan)
     ds = datasets["train"]
     from ray.data import ExecutionResources
 
