@@ -438,6 +438,23 @@ def test_embed_writes_one_row_per_ok_model(fitted, capsys):
     assert rows == (96, 96, 64, 64, 96)  # 4 layers × 16 latent dims, pooled per layer
     assert connect(str(cat)).execute("SELECT min(len(embedding_mean)) FROM embeddings WHERE run = ?",
                                      [run_id]).fetchone() == (16,)
+    # the Ray Data job (an actor pool over units of whole models) equals the driver-side embedding, model by model
+    from train.embed import embed_models, load_backbone
+    from train.normalize import Normalizer
+    from train.run import RunDir
+
+    catalog = Catalog.open(str(cat))
+    refs = list_models(catalog)
+    model, meta = load_backbone(RunDir.at(str(run)))
+    driver, driver_mean = embed_models(model.eval(), catalog, refs, norm=Normalizer.from_dict(meta["norm"]),
+                                       progress=False)
+    stored = dict(connect(str(cat)).execute("SELECT model_id, embedding FROM embeddings WHERE run = ?",
+                                            [run_id]).fetchall())
+    stored_mean = dict(connect(str(cat)).execute("SELECT model_id, embedding_mean FROM embeddings WHERE run = ?",
+                                                 [run_id]).fetchall())
+    np.testing.assert_allclose(np.array([stored[r.model_id] for r in refs]), driver, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(np.array([stored_mean[r.model_id] for r in refs]), driver_mean, rtol=1e-5, atol=1e-5)
+    assert np.abs(driver).max() > 1e-3  # not a comparison of zeros
     assert train_cli(["embed", "--run", str(run / "nope"), "--catalog", str(cat)]) == 1
 
 
