@@ -411,6 +411,20 @@ def test_debug_fit_on_two_workers_lowers_the_loss(fitted):
 
 
 @pytest.mark.ray
+def test_the_behavioural_loss_joins_after_the_reconstruction_phase(zoo_catalog, tmp_path):
+    """`behaviour_from`: the first epochs train on reconstruction alone, the behavioural loss joins after them."""
+    from train.fit import fit
+
+    _, cat = zoo_catalog
+    cfg = TrainConfig.debug().replace(epochs=2, behaviour=0.1, behaviour_from=0.5, val_batches=0)
+    s = fit(str(cat), str(tmp_path / "run"), cfg, reconstruction=False)
+    assert [h["behaviour"] == 0 for h in s["history"]] == [True, False]
+    assert s["history"][1]["behaviour"] > 0 and math.isfinite(s["history"][1]["loss"])
+    with pytest.raises(ValueError, match="behaviour_from"):
+        TrainConfig.debug().replace(behaviour_from=1.0)
+
+
+@pytest.mark.ray
 def test_rerun_with_more_epochs_resumes_from_the_checkpoint(fitted, capsys):
     cat, run, first = fitted
     assert train_cli(["fit", "--catalog", str(cat), "--out", str(run), "--debug", "--workers", "2",

@@ -48,6 +48,9 @@ class TrainConfig:
     loss_norm: str = "none"  # reconstruction normalization: none, layer or batch
     stats_weight: float = 1.0  # weight of the statistics rows in the reconstruction loss
     behaviour: float = 0.0  # weight of the behavioural loss (zoo architectures; train/behaviour.py); 0: off
+    # the fraction of the epochs trained on reconstruction alone before the behavioural loss joins: from scratch its
+    # gradient is ~100x the reconstruction's and clipping leaves the latter nothing (bench/recon.py); 0: from the start
+    behaviour_from: float = 0.0
     behaviour_head: float = 1.0  # weight of the behaviour head's loss (model.behaviour_queries > 0)
     norm: str = "auto"  # token normalization: per-layer (tensors line up), per-tensor (the wild), or auto
     views: int = 4  # random windows (views) of every training model per epoch
@@ -95,6 +98,7 @@ class TrainConfig:
             (self.gpus_per_worker >= 0, "gpus_per_worker must be >= 0"),
             (self.val_batches >= 0, "val_batches must be >= 0"),
             (self.max_failures >= 0, "max_failures must be >= 0"),
+            (0.0 <= self.behaviour_from < 1.0, "behaviour_from must be in [0, 1)"),
             (self.keep_checkpoints >= 1, "keep_checkpoints must be >= 1"),
             (self.data_cpus > 0, "data_cpus must be > 0"),
             (self.unit_mb >= 1, "unit_mb must be >= 1"),

@@ -129,20 +129,34 @@ def permute_index(plan: list[Layer], token_size: int, rng: np.random.Generator) 
     """A random permutation of every hidden layer's units, as a gather over the model's tokens:
     (source token (T,), source column (T, S)); `values[src_tok[:, None], src_col]` is the permuted model,
     which computes the same function (output units and inputs stay in place)."""
-    n_tok = plan[-1].start + plan[-1].rows
+    n_tok, base_col, layers = _permute_layout(tuple(plan), token_size)
     src_tok = np.arange(n_tok)
-    src_col = np.broadcast_to(np.arange(token_size), (n_tok, token_size)).copy()
+    src_col = base_col.copy()
     prev: np.ndarray | None = None  # the permutation of the previous layer's units
-    for i, layer in enumerate(plan):
-        perm = rng.permutation(layer.rows) if i < len(plan) - 1 else np.arange(layer.rows)
-        rows = slice(layer.start, layer.start + layer.rows)
-        src_tok[rows] = layer.start + perm
+    for i, (start, rows, width, block, j_div, j_mod) in enumerate(layers):
+        perm = rng.permutation(rows) if i < len(layers) - 1 else np.arange(rows)
+        src_tok[start:start + rows] = start + perm
         if prev is not None:
-            block = layer.width // len(prev)
-            j = np.arange(layer.width)
-            src_col[rows, : layer.width] = prev[j // block] * block + j % block
+            src_col[start:start + rows, :width] = prev[j_div] * block + j_mod
         prev = perm
     return src_tok, src_col
+
+
+@functools.lru_cache(maxsize=256)
+def _permute_layout(plan: tuple[Layer, ...], token_size: int) -> tuple[int, np.ndarray, list[tuple]]:
+    """What `permute_index` needs of a plan that does not depend on the draw, computed once per architecture:
+    the token count, the identity column map, and per layer (start, rows, width, block, j // block, j % block) —
+    a layer's input column j reads unit j // block of the layer before, at offset j % block."""
+    n_tok = plan[-1].start + plan[-1].rows
+    base_col = np.broadcast_to(np.arange(token_size), (n_tok, token_size)).copy()
+    base_col.flags.writeable = False
+    layers, prev_rows = [], None
+    for layer in plan:
+        block = layer.width // prev_rows if prev_rows else 0
+        j = np.arange(layer.width)
+        layers.append((layer.start, layer.rows, layer.width, block, j // block if block else j, j % block if block else j))
+        prev_rows = layer.rows
+    return n_tok, base_col, layers
 
 
 @dataclass

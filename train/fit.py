@@ -200,7 +200,9 @@ def train_loop(config: dict[str, Any]) -> dict[str, Any]:
     amp = cfg.amp and device.type == "cuda"
 
     writer = tensorboard_writer(config.get("run")) if rank == 0 and start_epoch < cfg.epochs else None
+    behaviour_epoch = int(round(cfg.behaviour_from * cfg.epochs))  # the first epoch with the behavioural loss
     for epoch in range(start_epoch, cfg.epochs):
+        loss_cfg = cfg.loss if epoch >= behaviour_epoch else dataclasses.replace(cfg.loss, behaviour=0.0)
         t0 = last_log = time.time()
         per_step: list[dict[str, float]] = []
         sums = torch.zeros(7, device=device, dtype=torch.float64)  # loss, mse, stats, ntx, behaviour, head, grad norm
@@ -209,7 +211,7 @@ def train_loop(config: dict[str, Any]) -> dict[str, Any]:
             if reader is None else reader.epoch(epoch, cfg.permute, device)
         for batch in epoch_batches:
             with _autocast(device, amp):
-                out = backbone_loss(model, batch, cfg.loss, behaviour)
+                out = backbone_loss(model, batch, loss_cfg, behaviour)
             optimizer.zero_grad(set_to_none=True)
             out["loss"].backward()
             gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip if cfg.grad_clip > 0 else math.inf)
