@@ -52,10 +52,12 @@ def report_state(metrics: dict[str, float], model: torch.nn.Module, optimizer, s
         ray.train.report(metrics, checkpoint=Checkpoint.from_directory(d))
 
 
-def run_meta(run: RunDir, catalog: str, token_size: int, cfg, split: dict[str, Any]) -> dict[str, Any]:
-    """The contents of RUN/config.json: new, or checked against the run it resumes (same catalog and model)."""
-    if run.exists("config.json"):
-        meta = run.meta()
+def run_meta(run: RunDir, existing: dict[str, Any] | None, catalog: str, token_size: int, cfg,
+             split: dict[str, Any]) -> dict[str, Any]:
+    """The contents of RUN/config.json: new, or `existing` (the run's config.json, read once by the caller)
+    checked against the run it resumes (same catalog and model)."""
+    if existing is not None:
+        meta = existing
         old = meta.get("config", {}).get("model")
         if old != asdict(cfg.model):
             changed = sorted(k for k in asdict(cfg.model) if (old or {}).get(k) != asdict(cfg.model)[k])

@@ -152,9 +152,9 @@ def _permute_layout(plan: tuple[Layer, ...], token_size: int) -> tuple[int, np.n
     base_col.flags.writeable = False
     layers, prev_rows = [], None
     for layer in plan:
-        block = layer.width // prev_rows if prev_rows else 0
+        block = layer.width // prev_rows if prev_rows else 0  # the first layer's inputs stay in place: no map
         j = np.arange(layer.width)
-        layers.append((layer.start, layer.rows, layer.width, block, j // block if block else j, j % block if block else j))
+        layers.append((layer.start, layer.rows, layer.width, block, *((j // block, j % block) if block else (None, None))))
         prev_rows = layer.rows
     return n_tok, base_col, layers
 

@@ -34,6 +34,7 @@ from train.data import ModelRef, list_models, tiled_batches
 from train.fit import to_device
 from train.model import Backbone
 from train.normalize import Normalizer
+from train.plan import catalog_id
 from train.run import RunDir
 
 log = logging.getLogger(__name__)
@@ -154,7 +155,7 @@ def embed_stream(cat: Catalog, run_uri: str, refs: list[ModelRef], d_latent: int
     threads = 0 if gpus or os.environ.get("RAY_ADDRESS") else max(1, (os.cpu_count() or 1) // actors)
     ds = ray.data.from_items(rows, override_num_blocks=len(rows)).map_batches(
         Embedder, batch_size=1, compute=ActorPoolStrategy(size=actors), num_gpus=1 if gpus else 0, num_cpus=1,
-        fn_constructor_kwargs={"catalog": cat.uri if "://" in cat.uri else cat.root, "run_uri": run_uri, "K": K,
+        fn_constructor_kwargs={"catalog": catalog_id(cat), "run_uri": run_uri, "K": K,
                                "batch_size": batch_size, "threads": threads})
     pos = {r.model_id: i for i, r in enumerate(refs)}
     emb = np.zeros((len(refs), K * d_latent), dtype=np.float32)

@@ -157,8 +157,8 @@ def train_loop(config: dict[str, Any]) -> dict[str, Any]:
     # another source of training batches than the stream (`fit(source=…)`: the data path the stream replaced, to
     # measure the stream against it in bench/stream_vs_reader.py)
     steps_per_epoch = int(config["steps_per_epoch"])
-    plan = FitPlan.from_dict(config["plan"])
-    reader = config["source"](plan, cfg, rank, world, steps_per_epoch) if config.get("source") else None
+    reader = config["source"](FitPlan.from_dict(config["plan"]), cfg, rank, world, steps_per_epoch) \
+        if config.get("source") else None
     train_shard = ray.train.get_dataset_shard("train") if reader is None else None
     val_shard = ray.train.get_dataset_shard("val") if config.get("val_windows") else None
     pin = device.type == "cuda"
@@ -174,7 +174,7 @@ def train_loop(config: dict[str, Any]) -> dict[str, Any]:
     if cfg.behaviour > 0 or cfg.model.behaviour_queries > 0:
         from train.behaviour import N_QUERY, Behaviour
 
-        behaviour = Behaviour(list(plan.arch_keys), cfg.model.token_size,
+        behaviour = Behaviour(config["arch_keys"], cfg.model.token_size,
                               n_query=max(N_QUERY, cfg.model.behaviour_queries),
                               n_head=cfg.model.behaviour_queries or N_QUERY).to(device)
 
@@ -341,7 +341,8 @@ def fit(catalog: str, out: str, cfg: TrainConfig, callbacks: list | None = None,
                            f"{cat.spec.token_size}: leave it out (0) to take the catalog's")
     cfg = cfg.replace(model=ModelConfig(**{**asdict(cfg.model), "token_size": cat.spec.token_size}))
     run = RunDir.at(out)
-    saved = run.meta().get("norm") if run.exists("config.json") else None
+    existing = run.meta() if run.exists("config.json") else None
+    saved = (existing or {}).get("norm")  # a resumed run keeps its normalizer
     if plan is not None and not plan.matches(cat, cfg.split_seed, cfg.probe_seeds, cfg.holdout):
         raise WildzooError("the plan given to fit was made for another catalog or split")
     if plan is None:
@@ -351,7 +352,7 @@ def fit(catalog: str, out: str, cfg: TrainConfig, callbacks: list | None = None,
     if len(plan.train) < cfg.workers:
         raise WildzooError(f"{len(plan.train)} training model(s) cannot feed {cfg.workers} workers")
     split, norm, held = plan.split, plan.norm, list(plan.held)
-    meta = run_meta(run, plan.catalog, plan.token_size, cfg, split)
+    meta = run_meta(run, existing, plan.catalog, plan.token_size, cfg, split)
     meta["norm"] = norm.to_dict()
     if meta.get("epochs_trained", 0) >= cfg.epochs and run.exists(MODEL_FILE):
         log.info("run %s has trained %d epoch(s) already: nothing to do", meta["run_id"], meta["epochs_trained"])
@@ -371,11 +372,11 @@ def fit(catalog: str, out: str, cfg: TrainConfig, callbacks: list | None = None,
         datasets, stream = training_streams(cat, cfg, plan)
         if source is not None:
             del datasets["train"]
-            stream.update(source=source)
+            stream.update(source=source, plan=plan.to_dict())  # the model lists only where a source reads them
         trainer = TorchTrainer(
             train_loop,
             train_loop_config={"cfg": cfg.to_dict(), "verbose": log.isEnabledFor(logging.DEBUG), "run": run.uri,
-                               "quiet": quiet, "plan": plan.to_dict(), **stream},
+                               "quiet": quiet, "arch_keys": list(plan.arch_keys), **stream},
             datasets=datasets, dataset_config=data_config(cfg.data_cpus),
             scaling_config=ScalingConfig(num_workers=cfg.workers, use_gpu=cfg.gpus_per_worker > 0,
                                          resources_per_worker=resources),
