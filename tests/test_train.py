@@ -26,6 +26,7 @@ from train.config import TrainConfig
 from train.data import list_models, read_tokens, split_models
 from train.losses import LossConfig, backbone_loss, masked_mse, nt_xent
 from train.model import Backbone, ModelConfig, token_mask
+from train.normalize import N_STATS, Normalizer
 
 REFERENCE = Path(__file__).parent / "assets" / "debug_loss_curve.json"
 
@@ -227,6 +228,11 @@ def test_decoding_the_true_statistics_rows_gives_back_each_tensors_scale(zoo_cat
     torch.testing.assert_close(got["bsd"][has], b["bsd"][has], rtol=1e-4, atol=1e-6)
     torch.testing.assert_close(got["bmu"][b["has_bias"] & real], b["bmu"][b["has_bias"] & real], rtol=1e-4, atol=1e-6)
     assert decoded_scale(b["stats"], b, fit_normalizer(cat, list_models(cat), "per-layer"))["mu"] is b["mu"]
+    assert ModelConfig().n_stats == N_STATS == b["stats"].shape[-1]
+    # a run whose statistics row is of another length (an older wildzoo's) is refused in one line, not misread
+    old = {**norm.to_dict(), "stats_mu": list(norm.stats_mu[:11]), "stats_sd": list(norm.stats_sd[:11])}
+    with pytest.raises(WildzooError, match="statistics row of 11 numbers"):
+        Normalizer.from_dict(old)
 
 
 def test_views_permute_hidden_units_and_carry_what_rebuilding_needs(zoo_catalog):

@@ -51,7 +51,7 @@ class ModelConfig:
     n_roles: int = len(ROLES)
     proj_dim: int = 64  # P: output of the projection head (contrastive loss)
     mlp_ratio: int = 4
-    n_stats: int = 11  # F: the tensor statistics row appended to each token (train.normalize.STAT_NAMES; 0: values only)
+    n_stats: int = 13  # F: the tensor statistics row appended to each token (train.normalize.STAT_NAMES; 0: values only)
     pool_layers: int = 8  # K: layer groups pooled for the behaviour head (layers past K − 1 share the last group)
     behaviour_queries: int = 0  # Q: query images the behaviour head's target fingerprint is taken on (0: no head)
     behaviour_classes: int = 10  # C: outputs per query image (the fingerprint: 4 summaries + C class probabilities)

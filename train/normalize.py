@@ -35,7 +35,10 @@ log = logging.getLogger(__name__)
 
 
 STAT_NAMES = ("asinh mean", "log std", "asinh q01", "asinh q25", "asinh q50", "asinh q75", "asinh q99",
-              "log rms", "sparsity", "bias asinh mean", "bias log std")
+              "log rms", "sparsity", "bias asinh mean", "bias log std", "asinh mean/std", "bias asinh mean/std")
+# a decoded mean is rebuilt from mean/std (its error is then relative to the tensor's spread) where the std is not 0:
+# decoded as asinh(mean), an error of 0.06 shifted a linear layer whose std is 0.04 by 1.5 std (bench/recon.py)
+WEIGHT_STATS, BIAS_STATS = (0, 1, 11), (9, 10, 12)  # (asinh mean, log std, asinh mean/std) of the weight, the bias
 N_STATS = len(STAT_NAMES)  # F: the statistics row every token carries (its tensor's s(W), compressed)
 NORMS = ("auto", "per-tensor", "per-layer")
 CLIP = 10.0  # normalized values beyond ±CLIP (diverged models) are clipped; their scale is in the statistics row
@@ -47,20 +50,27 @@ def _log(x: np.ndarray) -> np.ndarray:
         return np.clip(np.log(np.where(x > 0, x, 0.0)), LOG_FLOOR, 30.0)
 
 
+def _ratio(mean: np.ndarray, std: np.ndarray) -> np.ndarray:
+    """asinh(mean / std), 0 where the std is 0 or missing (the mean is then decoded from asinh mean)."""
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return np.where(np.nan_to_num(std) > 0, np.arcsinh(np.nan_to_num(mean) / np.nan_to_num(std, nan=1.0)), 0.0)
+
+
 def raw_stat_features(cols: dict[str, np.ndarray], bias: dict[str, np.ndarray] | None = None) -> np.ndarray:
     """(n, F) compressed statistics of n tensors from their `tensors` columns (mean, std, q01…q99, l2,
-    n_params, sparsity); `bias` (mean, std of each one's packed bias, NaN where none) fills the last two.
+    n_params, sparsity); `bias` (mean, std of each one's packed bias, NaN where none) fills the bias columns.
     Missing values become 0. asinh and log keep order and tame diverged models."""
     n = len(cols["mean"])
     rms = cols["l2"] / np.sqrt(np.maximum(cols["n_params"], 1))
     parts = [np.arcsinh(cols["mean"]), _log(cols["std"]), *(np.arcsinh(cols[q]) for q in
              ("q01", "q25", "q50", "q75", "q99")), _log(rms), cols["sparsity"]]
     if bias is None:
-        parts += [np.zeros(n), np.zeros(n)]
+        parts += [np.zeros(n), np.zeros(n), _ratio(cols["mean"], cols["std"]), np.zeros(n)]
     else:
         has = np.isfinite(bias["mean"])
         parts += [np.where(has, np.arcsinh(np.nan_to_num(bias["mean"])), 0.0),
-                  np.where(has, _log(np.nan_to_num(bias["std"])), 0.0)]
+                  np.where(has, _log(np.nan_to_num(bias["std"])), 0.0), _ratio(cols["mean"], cols["std"]),
+                  np.where(has, _ratio(bias["mean"], bias["std"]), 0.0)]
     return np.nan_to_num(np.stack(parts, axis=1), nan=0.0, posinf=0.0, neginf=0.0)
 
 
@@ -88,6 +98,9 @@ class Normalizer:
 
     @classmethod
     def from_dict(cls, d: dict) -> Normalizer:
+        if len(d["stats_mu"]) != N_STATS:
+            raise WildzooError(f"this run's tokens carry a statistics row of {len(d['stats_mu'])} numbers, this "
+                               f"wildzoo's of {N_STATS} ({', '.join(STAT_NAMES)}): train it again in a new folder")
         return cls(d["mode"], {int(k): (float(v[0]), float(v[1])) for k, v in d.get("layer", {}).items()},
                    tuple(d["stats_mu"]), tuple(d["stats_sd"]), d.get("reason", ""))
 
@@ -151,8 +164,8 @@ def fit_normalizer(cat: Catalog, refs: list[ModelRef], mode: str = "auto") -> No
     keep = np.isfinite(cols["std"])
     raw = raw[keep] if keep.any() else raw
     mu, sd = raw.mean(0), raw.std(0)
-    # the bias features reuse the weight's mean/std scaling (they are the same kind of number)
-    mu[9:], sd[9:] = mu[:2], sd[:2]
+    # the bias features reuse the weight's scaling (they are the same kind of number)
+    mu[list(BIAS_STATS)], sd[list(BIAS_STATS)] = mu[list(WEIGHT_STATS)], sd[list(WEIGHT_STATS)]
     sd = np.where(sd > 1e-6, sd, 1.0)
     log.info("normalization %s (%s)", mode, why)
     return Normalizer(mode, layer, tuple(float(x) for x in mu), tuple(float(x) for x in sd), reason=why)
@@ -232,6 +245,9 @@ def decoded_scale(recon_stats: Tensor, batch: dict[str, Tensor], norm: Normalize
     def scale(x: Tensor) -> Tensor:  # a std of 0 is stored as LOG_FLOOR; its tensor was normalized with σ = 1
         return torch.where(x > LOG_FLOOR + 1, x.clamp(max=30.0).exp(), torch.ones_like(x))
 
-    out["mu"], out["sd"] = torch.sinh(pooled[..., 0]).float(), scale(pooled[..., 1]).float()
-    out["bmu"], out["bsd"] = torch.sinh(pooled[..., 9]).float(), scale(pooled[..., 10]).float()
+    for (m, s, r), (mu, sd) in ((WEIGHT_STATS, ("mu", "sd")), (BIAS_STATS, ("bmu", "bsd"))):
+        spread = scale(pooled[..., s])
+        # the mean relative to the spread where there is one (its error then scales with the tensor), else absolute
+        mean = torch.where(pooled[..., s] > LOG_FLOOR + 1, torch.sinh(pooled[..., r]) * spread, torch.sinh(pooled[..., m]))
+        out[mu], out[sd] = mean.float(), spread.float()
     return out
