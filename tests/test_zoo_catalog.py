@@ -95,6 +95,43 @@ def test_ridge_picks_alpha_on_validation_and_robust_head_survives_outliers():
     assert bad < 0 and safe > bad
 
 
+def test_ridge_path_equals_a_direct_solve_for_every_alpha():
+    """One eigendecomposition serves every alpha: the weights equal a fresh solve, primal (n > d) and dual (d > n)."""
+    rng = np.random.default_rng(1)
+    for n, d in ((80, 12), (30, 200)):
+        x, y = rng.standard_normal((n, d)), rng.standard_normal(n)
+        path = probe.RidgePath(x, y)
+        xc, yc = x - x.mean(0), y - y.mean()
+        for alpha in probe.ALPHAS[::4]:
+            w, b = path.fit(alpha)
+            direct = (np.linalg.solve(xc.T @ xc + alpha * np.eye(d), xc.T @ yc) if d <= n else
+                      xc.T @ np.linalg.solve(xc @ xc.T + alpha * np.eye(n), yc))
+            np.testing.assert_allclose(w, direct, rtol=1e-6, atol=1e-9 * max(1.0, np.abs(direct).max()))
+            assert b == pytest.approx(y.mean() - x.mean(0) @ w)
+
+
+def test_probe_parts_in_processes_give_the_results_of_one_process():
+    """run_probes in 2 worker processes: every seed's R² and accuracy equal those of one process, in its order."""
+    from train.evaluate import run_probes
+    from train.features import Population
+
+    rng = np.random.default_rng(2)
+    n = 240
+    groups = np.repeat(np.arange(60), 4)
+    x = rng.standard_normal((n, 6))
+    numeric = {"test_acc": x[:, 0] + 0.1 * rng.standard_normal(n), "epoch": x[:, 1] * x[:, 2],
+               "ggap": np.abs(x[:, 3])}
+    labels = np.array(["relu", "tanh", "gelu"], dtype=object)[np.repeat(rng.integers(0, 3, 60), 4)]
+    pop = Population([f"m{i}" for i in range(n)], groups, numeric, {"model::nlin": labels}, "sig", 0)
+    sets = {"s(W)": x, "behaviour": x[:, :3] ** 2}
+    one, preds1 = run_probes(None, [0, 1, 2], pop=pop, sets=sets, jobs=1)
+    two, preds2 = run_probes(None, [0, 1, 2], pop=pop, sets=sets, jobs=2)
+    assert [(r["property"], r["method"], r["seed"]) for r in one] == [(r["property"], r["method"], r["seed"]) for r in two]
+    np.testing.assert_allclose([r["value"] for r in two], [r["value"] for r in one], rtol=0, atol=1e-9)
+    assert {r["seed"] for r in one} == {0, 1, 2} and any(r["metric"] == "accuracy" for r in one)
+    np.testing.assert_allclose(preds2["pred"]["test_acc"]["s(W) trees"], preds1["pred"]["test_acc"]["s(W) trees"])
+
+
 @pytest.mark.slow
 def test_statistics_baseline_clears_the_bar_on_the_digits_zoo(tmp_path, ray_session):
     """Issue 4's bar: on a 200-model digits zoo, the best s(W) head reaches R² ≥ 0.9 on test accuracy."""
