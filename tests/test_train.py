@@ -299,6 +299,16 @@ def test_behavioural_loss_reaches_the_backbone_and_weight_zero_is_the_old_loss(z
     cfg = dataclasses.replace(cfg, behaviour_queries=8)
     both, m = run(LossConfig(behaviour=1.0), beh)
     assert both["behaviour"] > 0 and both["behaviour_head"] > 0 and m.behaviour_head[0].weight.grad.abs().sum() > 0
+    # the two views of a window (the second permuted) compute one function: running the originals of the first
+    # half only (`twins`, what a training step does) gives the losses of running both
+    two = {k: torch.cat([batch[k], batch["values2" if k == "values" else k]]) for k in batch if k != "values2"}
+    target = two["values"]
+    recon = target + 0.3 * torch.randn(target.shape, generator=torch.Generator().manual_seed(3))
+    predicted = torch.rand(len(target), 4 + 10, generator=torch.Generator().manual_seed(4))
+    full, once = (beh.losses(target, two, recon, predicted, twins=t) for t in (False, True))
+    for k in ("behaviour", "behaviour_head"):
+        assert float(full[k]) > 0
+        torch.testing.assert_close(once[k], full[k], rtol=1e-4, atol=1e-5)
 
 
 def test_ranks_take_equal_steps_and_the_split_holds_out_the_probe_models(zoo_catalog):

@@ -187,21 +187,30 @@ class Behaviour:
         return (T * T) * kl.sum(-1).mean(-1).sum()
 
     def losses(self, target: Tensor, batch: dict[str, Tensor], recon: Tensor | None = None,
-               predicted: Tensor | None = None) -> dict[str, Tensor]:
+               predicted: Tensor | None = None, twins: bool = False) -> dict[str, Tensor]:
         """Behavioural losses averaged over rebuildable windows, the originals (`target`, normalized values
         (B, T, S)) run once for both: `behaviour`, the model rebuilt from `recon` (B, T, S) against the
         original; `behaviour_head`, the MSE between the fingerprint the behaviour head predicts (`predicted`
         (B, 4 + C)) and the original's on the query images (`train.fingerprint.head_target`; a permuted view
-        computes the same function, so both views share it). Each is zero, attached to the graph, when no
+        computes the same function, so both views share it). `twins`: the second half of the batch holds the same
+        models as the first (two views of each window): the originals are run on the first half only (the step's
+        behaviour head cost ~40% of a `small` step with both). Each is zero, attached to the graph, when no
         window qualifies (DDP needs a gradient)."""
         from train.fingerprint import head_target
 
         sums = {name: x.sum() * 0.0 for name, x in (("behaviour", recon), ("behaviour_head", predicted))
                 if x is not None}
         count = 0
+        half = len(batch["arch"]) // 2 if twins else 0
         for a, sel, sub in self.groups(batch):
+            first = sel[sel < half]
             with torch.no_grad():
-                want = a.outputs(denormalize(target[sel], sub), self.query)  # (G, Q, C)
+                if twins and torch.equal(sel[len(first):], first + half):  # the originals of the twins run once
+                    g = len(first)
+                    want = a.outputs(denormalize(target[first], {k: v[:g] for k, v in sub.items()}), self.query)
+                    want = torch.cat([want, want])
+                else:
+                    want = a.outputs(denormalize(target[sel], sub), self.query)  # (G, Q, C)
             if recon is not None:
                 sums["behaviour"] = sums["behaviour"] + self._kl(a.outputs(denormalize(recon[sel], sub), self.query), want)
             if predicted is not None:

@@ -129,6 +129,6 @@ def backbone_loss(model: nn.Module, batch: Batch, cfg: LossConfig, behaviour=Non
         raise ValueError("a backbone with a behaviour head needs the behaviour of its windows (train.behaviour)")
     rebuild = behaviour is not None and cfg.behaviour > 0
     if rebuild or predicted is not None:
-        out.update(behaviour.losses(target[..., :S], both, recon[..., :S] if rebuild else None, predicted))
+        out.update(behaviour.losses(target[..., :S], both, recon[..., :S] if rebuild else None, predicted, twins=True))
         rec = rec + cfg.behaviour * out.get("behaviour", 0.0) + cfg.behaviour_head * out.get("behaviour_head", 0.0)
     return {"loss": cfg.gamma * ntx + (1 - cfg.gamma) * rec, **out}
