@@ -185,6 +185,8 @@ def embed(catalog: str | Catalog, run_uri: str, batch_size: int = 256, actors: i
     if model.cfg.token_size != cat.spec.token_size:
         raise WildzooError(f"run {run.uri} reads tokens of {model.cfg.token_size} values; catalog {cat.uri} "
                            f"has {cat.spec.token_size}")
+    if "norm" in meta:
+        Normalizer.from_dict(meta["norm"])  # a run of another statistics row: one line here, not in every actor
     refs = list_models(cat)
     if not refs:
         raise WildzooError(f"catalog {cat.uri} has no ok models with tokens to embed")
