@@ -2,11 +2,13 @@
 
     python bench/recon.py [--catalog wildzoo-data/catalog] [--flavour small] [--epochs N] [--behaviour 0,1]
                           [--set key=value ...] [--workers 2]
+    python bench/recon.py --ablate RUN        # the statistics ablation of a run trained already
 
 For each behavioural-loss weight in --behaviour, one `train fit` (Ray Train, the same code as the CLI) into
 bench/out/recon-<flavour>-b<weight>/, then its held-out reconstruction report (train.behaviour.reconstruction_report):
 per-model MSE (median, mean) next to predicting zeros, R², and the accuracy the rebuilt models keep —
-de-normalized with the decoded statistics (what generation has) and with the true ones. `--set` changes any
+de-normalized with the decoded statistics (what generation has) and with the true ones, and (per-tensor
+normalization) with one part of the statistics decoded at a time: where the decoded ones lose. `--set` changes any
 TrainConfig field (`model.d_model=128`, `mask_prob=0.1`, ...). Nothing here is timed by tests: it prints figures.
 """
 
@@ -40,6 +42,48 @@ def parse_sets(items: list[str]) -> dict:
     return out
 
 
+def statistics_ablation(catalog: str, run_dir: Path, min_acc: float = 0.5) -> dict[str, float]:
+    """Where rebuilding with the decoded statistics loses accuracy: the held-out models (accuracy >= min_acc)
+    rebuilt from the run's decoded values and de-normalized with the true statistics but for one part decoded
+    (the weights' means, their stds, the packed biases' mean and std), as the mean ratio to the original."""
+    import numpy as np
+    import torch
+
+    from catalog.store import Catalog
+    from train.behaviour import Behaviour, accuracy
+    from train.config import TrainConfig
+    from train.data import tiled_batches
+    from train.embed import load_backbone
+    from train.normalize import Normalizer, decoded_scale, denormalize
+    from train.plan import make_plan
+    from train.run import RunDir
+    from zoo.data import load_digits_split
+
+    model, meta = load_backbone(RunDir.at(str(run_dir)))
+    cfg = TrainConfig.from_dict(meta["config"])
+    cat = Catalog.open(catalog)
+    plan = make_plan(cat, cfg, Normalizer.from_dict(meta["norm"]))
+    S = cfg.model.token_size
+    beh = Behaviour(list(plan.arch_keys), S)
+    _, _, x_test, y_test = load_digits_split()
+    parts = {"all true": (), "weight means decoded": ("mu",), "weight stds decoded": ("sd",),
+             "bias mean and std decoded": ("bmu", "bsd"), "all decoded": ("mu", "sd", "bmu", "bsd")}
+    acc: dict[str, list] = {k: [] for k in ["original", *parts]}
+    with torch.no_grad():
+        for _, _, arrays in tiled_batches(cat, list(plan.held), cfg.model.window, 64, norm=plan.norm, archs=plan.archs):
+            b = {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in arrays.items()}
+            out = model.decode(model.encode(b), b).float()
+            dec = decoded_scale(out[..., S:], b, plan.norm)
+            for a, sel, sub in beh.groups(b):
+                acc["original"].append(accuracy(a, denormalize(b["values"][sel], sub), x_test, y_test))
+                for name, keys in parts.items():
+                    mixed = {**sub, **{k: dec[k][sel] for k in keys}}
+                    acc[name].append(accuracy(a, denormalize(out[..., :S][sel], mixed), x_test, y_test))
+    orig = np.concatenate(acc.pop("original"))
+    good = orig >= min_acc
+    return {name: float((np.concatenate(v)[good] / orig[good]).mean()) for name, v in acc.items()}
+
+
 def main() -> int:
     from train.__main__ import reconstruction_line, setup_logging
     from train.config import TrainConfig
@@ -53,8 +97,13 @@ def main() -> int:
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="a TrainConfig field")
     ap.add_argument("--out", default=str(ROOT / "bench" / "out"))
+    ap.add_argument("--ablate", metavar="RUN", help="only print the statistics ablation of this run folder (no fit)")
     args = ap.parse_args()
     setup_logging(False)
+    if args.ablate:
+        kept = statistics_ablation(args.catalog, Path(args.ablate))
+        print("kept with one part of the statistics decoded: " + ", ".join(f"{k} {v:.1%}" for k, v in kept.items()))
+        return 0
     base = TrainConfig.flavour(args.flavour)
     base = TrainConfig.from_dict(parse_sets(args.set), base=base, where="--set")
     base = base.replace(workers=args.workers, **({"epochs": args.epochs} if args.epochs else {}))
@@ -73,6 +122,10 @@ def main() -> int:
         print(f"  kept (decoded statistics) {rec.get('kept', float('nan')):.1%}, kept (true statistics) "
               f"{rec.get('kept_true', float('nan')):.1%}, MSE median {rec['mse_median']:.4f} vs zeros "
               f"{rec['zeros_median']:.4f}", flush=True)
+        if rec.get("norm") == "per-tensor" and rec.get("good"):
+            kept = statistics_ablation(args.catalog, run)
+            print("  kept with one part of the statistics decoded: " + ", ".join(f"{k} {v:.1%}" for k, v in kept.items()),
+                  flush=True)
     return 0
 
 
