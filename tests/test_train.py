@@ -2,7 +2,7 @@
 
 The debug fits run on the shared lab-zoo catalog (conftest `zoo_catalog`). A 1-worker debug fit with a
 fixed seed is compared with the reference loss curve in tests/assets/; after a deliberate change to
-the model, losses or data, regenerate it with `WILDZOO_UPDATE_REFERENCE=1 pytest tests/test_train.py -k reference`.
+the model, losses or data, regenerate it with `WILDZOO_UPDATE_REFERENCE=1 pytest tests/test_train.py -k reference` (NT-Xent moves ±9% from run to run: keep the mean of a few runs).
 """
 
 from __future__ import annotations
@@ -530,6 +530,8 @@ def test_debug_loss_curve_matches_the_reference(zoo_catalog, tmp_path):
     ref = json.loads(REFERENCE.read_text())
     for key, values in curve.items():
         # NT-Xent's value depends on which windows share a batch (its negatives), which the stream's bounded
-        # local shuffle decides: it varies more from run to run than the reconstruction terms
-        rtol = 0.10 if key == "ntx" else 0.05
+        # local shuffle decides: it varies more from run to run than the reconstruction terms (5 runs of epoch 2:
+        # 1.90 to 2.28, ±9% around their mean, which the reference holds; its tails reach further): a broken
+        # contrastive loss stays near log(2B − 1) ≈ 3.4, far outside
+        rtol = 0.25 if key == "ntx" else 0.05
         np.testing.assert_allclose(values, ref[key], rtol=rtol, err_msg=f"{key} per epoch left the reference curve")
