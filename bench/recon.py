@@ -42,46 +42,23 @@ def parse_sets(items: list[str]) -> dict:
     return out
 
 
-def statistics_ablation(catalog: str, run_dir: Path, min_acc: float = 0.5) -> dict[str, float]:
-    """Where rebuilding with the decoded statistics loses accuracy: the held-out models (accuracy >= min_acc)
-    rebuilt from the run's decoded values and de-normalized with the true statistics but for one part decoded
-    (the weights' means, their stds, the packed biases' mean and std), as the mean ratio to the original."""
-    import numpy as np
-    import torch
-
+def statistics_ablation(catalog: str, run_dir: Path) -> dict[str, float]:
+    """Where rebuilding with the decoded statistics loses accuracy: the run's held-out reconstruction report with one
+    part of the statistics decoded at a time (train.behaviour.reconstruction_report(ablation=True)), next to all true
+    and all decoded."""
     from catalog.store import Catalog
-    from train.behaviour import Behaviour, accuracy
+    from train.behaviour import reconstruction_report
     from train.config import TrainConfig
-    from train.data import tiled_batches
     from train.embed import load_backbone
-    from train.normalize import Normalizer, decoded_scale, denormalize
+    from train.normalize import Normalizer
     from train.plan import make_plan
     from train.run import RunDir
-    from zoo.data import load_digits_split
 
     model, meta = load_backbone(RunDir.at(str(run_dir)))
-    cfg = TrainConfig.from_dict(meta["config"])
     cat = Catalog.open(catalog)
-    plan = make_plan(cat, cfg, Normalizer.from_dict(meta["norm"]))
-    S = cfg.model.token_size
-    beh = Behaviour(list(plan.arch_keys), S)
-    _, _, x_test, y_test = load_digits_split()
-    parts = {"all true": (), "weight means decoded": ("mu",), "weight stds decoded": ("sd",),
-             "bias mean and std decoded": ("bmu", "bsd"), "all decoded": ("mu", "sd", "bmu", "bsd")}
-    acc: dict[str, list] = {k: [] for k in ["original", *parts]}
-    with torch.no_grad():
-        for _, _, arrays in tiled_batches(cat, list(plan.held), cfg.model.window, 64, norm=plan.norm, archs=plan.archs):
-            b = {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in arrays.items()}
-            out = model.decode(model.encode(b), b).float()
-            dec = decoded_scale(out[..., S:], b, plan.norm)
-            for a, sel, sub in beh.groups(b):
-                acc["original"].append(accuracy(a, denormalize(b["values"][sel], sub), x_test, y_test))
-                for name, keys in parts.items():
-                    mixed = {**sub, **{k: dec[k][sel] for k in keys}}
-                    acc[name].append(accuracy(a, denormalize(out[..., :S][sel], mixed), x_test, y_test))
-    orig = np.concatenate(acc.pop("original"))
-    good = orig >= min_acc
-    return {name: float((np.concatenate(v)[good] / orig[good]).mean()) for name, v in acc.items()}
+    plan = make_plan(cat, TrainConfig.from_dict(meta["config"]), Normalizer.from_dict(meta["norm"]))
+    rec = reconstruction_report(model, cat, list(plan.held), plan.norm, plan.archs, list(plan.arch_keys), ablation=True)
+    return {"all true": rec["kept_true"], **rec.get("kept_parts", {}), "all decoded": rec["kept"]}
 
 
 def main() -> int:

@@ -193,8 +193,8 @@ class Behaviour:
         original; `behaviour_head`, the MSE between the fingerprint the behaviour head predicts (`predicted`
         (B, 4 + C)) and the original's on the query images (`train.fingerprint.head_target`; a permuted view
         computes the same function, so both views share it). `twins`: the second half of the batch holds the same
-        models as the first (two views of each window): the originals are run on the first half only (the step's
-        behaviour head cost ~40% of a `small` step with both). Each is zero, attached to the graph, when no
+        models as the first (two views of each window): the originals are run on the first half only (~5% of a
+        `small` step saved). Each is zero, attached to the graph, when no
         window qualifies (DDP needs a gradient)."""
         from train.fingerprint import head_target
 
@@ -230,9 +230,13 @@ def accuracy(a: Arch, raw: Tensor, x: Tensor, y: Tensor) -> np.ndarray:
         return (a.outputs(raw, x).argmax(-1) == y).float().mean(-1).cpu().numpy()
 
 
+# one part of the statistics decoded, the rest true (`reconstruction_report(ablation=True)`): where decoded ones lose
+ABLATION = {"weight means decoded": ("mu",), "weight stds decoded": ("sd",), "bias mean and std decoded": ("bmu", "bsd")}
+
+
 @torch.no_grad()
 def reconstruction_report(model: torch.nn.Module, cat: Catalog, refs: list, norm, archs: dict[str, int],
-                          keys: list[str], batch_size: int = 64, min_acc: float = 0.5) -> dict:
+                          keys: list[str], batch_size: int = 64, min_acc: float = 0.5, ablation: bool = False) -> dict:
     """How well `model` (a Backbone, eval mode) rebuilds the models of `refs` (held out from training).
 
     Each model is encoded and decoded whole (no noise, no masking). Per model: the reconstruction MSE of its
@@ -242,7 +246,8 @@ def reconstruction_report(model: torch.nn.Module, cat: Catalog, refs: list, norm
     (`decoded`: what generation has, `decoded_scale`) — loaded into the architecture and scored on the
     digits test split next to the original (its own tokens through the same normalization: identical but for
     entries beyond ±CLIP σ): mean accuracies, and the mean ratio rebuilt/original over the models whose
-    original accuracy ≥ min_acc (`kept`, `kept_true`).
+    original accuracy ≥ min_acc (`kept`, `kept_true`). With `ablation` (and decoded statistics), also `kept_parts`:
+    the same ratio with one part of the statistics decoded at a time (`ABLATION`).
     """
     from train.data import tiled_batches
     from train.fingerprint import HEAD_SUMMARIES, head_target
@@ -257,6 +262,7 @@ def reconstruction_report(model: torch.nn.Module, cat: Catalog, refs: list, norm
     count = np.zeros(len(refs))
     row_of = {r.model_id: i for i, r in enumerate(refs)}
     orig, rebuilt, decoded = [], [], []
+    parts: dict[str, list] = {name: [] for name in ABLATION}
     for ids, models, arrays in tiled_batches(cat, refs, model.cfg.window, batch_size, norm=norm, archs=archs):
         batch = {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in arrays.items()}
         latent = model.encode(batch)
@@ -279,6 +285,9 @@ def reconstruction_report(model: torch.nn.Module, cat: Catalog, refs: list, norm
             if dec is not None:
                 dsub = {**sub, **{k: v[sel] for k, v in dec.items()}}
                 decoded.append(accuracy(a, denormalize(recon[sel], dsub), x_test, y_test))
+                for name, which in ABLATION.items() if ablation else ():
+                    mixed = {**sub, **{k: dec[k][sel] for k in which}}
+                    parts[name].append(accuracy(a, denormalize(recon[sel], mixed), x_test, y_test))
     per_model = err / np.maximum(count, 1)
     zeros = zero / np.maximum(count, 1)
     out = {"models": len(refs), "mse": float(err.sum() / max(count.sum(), 1.0)),
@@ -301,4 +310,6 @@ def reconstruction_report(model: torch.nn.Module, cat: Catalog, refs: list, norm
                    rebuilt_acc_true=float(r.mean()), good=int(good.sum()), min_acc=min_acc,
                    kept=float((d[good] / o[good]).mean()) if good.any() else None,
                    kept_true=float((r[good] / o[good]).mean()) if good.any() else None)
+        if good.any() and all(parts.values()):
+            out["kept_parts"] = {k: float((np.concatenate(v)[good] / o[good]).mean()) for k, v in parts.items()}
     return out

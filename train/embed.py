@@ -48,6 +48,8 @@ def load_backbone(run: RunDir, device: torch.device | str = "cpu") -> tuple[Back
         cfg = TrainConfig.from_dict(meta["config"], where=f"{run.uri}/config.json")
     except KeyError:
         raise WildzooError(f"{run.uri}/config.json has no config: is it a run folder of `train fit`?") from None
+    if "norm" in meta:
+        Normalizer.from_dict(meta["norm"])  # a run of another statistics row: a one-line error, before any weight
     model = Backbone(cfg.model)
     model.load_state_dict(run.load_state_dict())
     return model.to(device).eval(), meta
@@ -185,8 +187,6 @@ def embed(catalog: str | Catalog, run_uri: str, batch_size: int = 256, actors: i
     if model.cfg.token_size != cat.spec.token_size:
         raise WildzooError(f"run {run.uri} reads tokens of {model.cfg.token_size} values; catalog {cat.uri} "
                            f"has {cat.spec.token_size}")
-    if "norm" in meta:
-        Normalizer.from_dict(meta["norm"])  # a run of another statistics row: one line here, not in every actor
     refs = list_models(cat)
     if not refs:
         raise WildzooError(f"catalog {cat.uri} has no ok models with tokens to embed")

@@ -110,8 +110,8 @@ def run_probe(cat: Catalog | None, seed: int = 0, embeddings: dict[str, np.ndarr
 
 def _probe_part(part: tuple[int, bool, bool], pop: Population, sets: dict[str, np.ndarray],
                 threads: int) -> tuple[tuple[int, bool, bool], tuple[list[dict], dict]]:
-    """One part (seed, numeric, categorical) of `run_probes` in a worker process, its BLAS and OpenMP (trees) held
-    to `threads`."""
+    """One part (seed, numeric, categorical) of `run_probes` (in a worker process where there are several), its BLAS
+    and OpenMP (trees) held to `threads`."""
     from threadpoolctl import threadpool_limits
 
     seed, numeric, categorical = part
@@ -136,22 +136,19 @@ def run_probes(cat: Catalog, seeds: list[int], embeddings: dict[str, np.ndarray]
     done: dict[tuple, tuple[list[dict], dict]] = {}
     log.info("probing split seeds %s (and hyperparameters on seed %d) in %d process(es)", ", ".join(map(str, seeds)),
              seeds[0], jobs)
+    threads = max(1, (os.cpu_count() or 1) // jobs)
     if jobs == 1:
-        for part in parts:
-            done[part] = run_probe(cat, part[0], pop=pop, sets=sets, numeric=part[1], categorical=part[2])
-            log.info("probed %s of split seed %d (%d/%d)", "properties" if part[1] else "hyperparameters", part[0],
-                     len(done), len(parts))
+        work = (_probe_part(p, pop, sets, threads) for p in parts)
     else:
         from joblib import Parallel, delayed
 
-        threads = max(1, (os.cpu_count() or 1) // jobs)
         work = Parallel(n_jobs=jobs, return_as="generator_unordered")(
             delayed(_probe_part)(p, pop, sets, threads)
             for p in sorted(parts, key=lambda p: not p[2]))  # the longest part (hyperparameters) first
-        for part, out in work:
-            done[part] = out
-            log.info("probed %s of split seed %d (%d/%d)", "properties" if part[1] else "hyperparameters", part[0],
-                     len(done), len(parts))
+    for part, out in work:
+        done[part] = out
+        log.info("probed %s of split seed %d (%d/%d)", "properties" if part[1] else "hyperparameters", part[0],
+                 len(done), len(parts))
     results: list[dict] = []
     for seed in seeds:  # a sequential run's order: seed 0's properties and hyperparameters, then the next seeds
         results += done[(seed, True, False)][0] + done.get((seed, False, True), ([], {}))[0]

@@ -65,12 +65,11 @@ def raw_stat_features(cols: dict[str, np.ndarray], bias: dict[str, np.ndarray] |
     parts = [np.arcsinh(cols["mean"]), _log(cols["std"]), *(np.arcsinh(cols[q]) for q in
              ("q01", "q25", "q50", "q75", "q99")), _log(rms), cols["sparsity"]]
     if bias is None:
-        parts += [np.zeros(n), np.zeros(n), _ratio(cols["mean"], cols["std"]), np.zeros(n)]
-    else:
-        has = np.isfinite(bias["mean"])
-        parts += [np.where(has, np.arcsinh(np.nan_to_num(bias["mean"])), 0.0),
-                  np.where(has, _log(np.nan_to_num(bias["std"])), 0.0), _ratio(cols["mean"], cols["std"]),
-                  np.where(has, _ratio(bias["mean"], bias["std"]), 0.0)]
+        bias = {"mean": np.full(n, np.nan), "std": np.full(n, np.nan)}
+    has = np.isfinite(bias["mean"])
+    parts += [np.where(has, np.arcsinh(np.nan_to_num(bias["mean"])), 0.0),
+              np.where(has, _log(np.nan_to_num(bias["std"])), 0.0), _ratio(cols["mean"], cols["std"]),
+              np.where(has, _ratio(bias["mean"], bias["std"]), 0.0)]
     return np.nan_to_num(np.stack(parts, axis=1), nan=0.0, posinf=0.0, neginf=0.0)
 
 

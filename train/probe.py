@@ -78,11 +78,6 @@ class RidgePath:
         return w, self.ym - self.xm @ w
 
 
-def ridge_fit(x: np.ndarray, y: np.ndarray, alpha: float) -> tuple[np.ndarray, float]:
-    """Closed-form ridge on centred data (dual form when there are more features than samples)."""
-    return RidgePath(x, y).fit(alpha)
-
-
 def ridge_probe(x: np.ndarray, y: np.ndarray, s: Split, robust: bool = False) -> tuple[float, np.ndarray, float]:
     """(test R², test predictions, chosen alpha) of ridge with alpha chosen on the validation split."""
     if robust:
