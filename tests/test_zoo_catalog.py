@@ -132,6 +132,36 @@ def test_probe_parts_in_processes_give_the_results_of_one_process():
     np.testing.assert_allclose(preds2["pred"]["test_acc"]["s(W) trees"], preds1["pred"]["test_acc"]["s(W) trees"])
 
 
+def test_trees_see_the_backbone_block_as_principal_components_fitted_on_their_rows():
+    """A wide backbone embedding enters the trees as its first principal components (alone and as `combined`'s first
+    block, the rest of `combined` untouched); the components come from the trees' rows only; narrow sets pass as
+    they are."""
+    from train.evaluate import trees_inputs
+
+    rng = np.random.default_rng(3)
+    n, wide = 200, 40
+    basis = rng.standard_normal((3, wide))
+    b = (rng.standard_normal((n, 3)) * [[10.0, 3.0, 1.0]]) @ basis + 0.01 * rng.standard_normal((n, wide))
+    sw = rng.standard_normal((n, 5))
+    sets = {"s(W)": sw, "backbone": b, "combined": np.concatenate([b, sw], axis=1)}
+    rows = np.arange(150)
+    out = trees_inputs(sets, rows, pcs=3)
+    assert out["backbone"].shape == (n, 3) and out["combined"].shape == (n, 8)
+    np.testing.assert_array_equal(out["combined"][:, 3:], sw)
+    np.testing.assert_array_equal(out["combined"][:, :3], out["backbone"])
+    assert out["s(W)"] is sw and sets["backbone"] is b  # nothing else changed, the input left alone
+    # three components hold the three directions: the embedding is rebuilt from them to the noise
+    mu = b[rows].mean(0)
+    vt = np.linalg.svd(b[rows] - mu, full_matrices=False)[2][:3]
+    np.testing.assert_allclose(out["backbone"] @ vt + mu, b, atol=0.1)
+    # the other rows (the test models) do not move the components
+    moved = b.copy()
+    moved[150:] *= 100.0
+    again = trees_inputs({"backbone": moved}, rows, pcs=3)["backbone"]
+    np.testing.assert_allclose(again[:150], out["backbone"][:150], atol=1e-8)
+    assert trees_inputs(sets, rows, pcs=wide) is sets
+
+
 @pytest.mark.slow
 def test_statistics_baseline_clears_the_bar_on_the_digits_zoo(tmp_path, ray_session):
     """Issue 4's bar: on a 200-model digits zoo, the best s(W) head reaches R² ≥ 0.9 on test accuracy."""

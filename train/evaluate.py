@@ -24,6 +24,10 @@ MAX_CLASSES = 12
 TREES_MAX = 1500  # features beyond which trees are skipped (W: thousands of weights)
 RIDGE_ONLY = ("backbone-mean",)  # feature sets scored with the ridge heads only (trees cost a minute per set)
 NO_CLASSES = ("backbone",)  # hyperparameters are classified from `combined` (which holds it), not from it alone
+# a backbone embedding enters the trees as its first principal components: a tree fit costs time in proportion to its
+# features (the small flavour's 384 pooled latents: 8 s a fit, most of the probe), and 64 components keep ~98% of
+# the embedding's variance on the README zoo
+TREES_PCS = 64
 
 
 def categorical_targets(pop: Population) -> dict[str, np.ndarray]:
@@ -53,10 +57,27 @@ def feature_sets(cat: Catalog, pop: Population, embeddings: dict[str, np.ndarray
         embeddings = {"backbone": embeddings}
     for name, x in (embeddings or {}).items():
         sets[name] = x
-    if embeddings and "backbone" in embeddings:
+    if embeddings and "backbone" in embeddings:  # the backbone block first (`trees_inputs` relies on it)
         sets["combined"] = np.concatenate([embeddings["backbone"], sets["s(W)"],
                                            *([behaviour] if behaviour is not None else [])], axis=1)
     return sets
+
+
+def trees_inputs(sets: dict[str, np.ndarray], rows: np.ndarray, pcs: int = TREES_PCS) -> dict[str, np.ndarray]:
+    """The feature sets as the trees see them: the backbone block (all of `backbone`, the first columns of
+    `combined`) replaced by its first `pcs` principal components, fitted on `rows` (the models the trees train on;
+    no labels). The ridge and logistic heads keep the whole embedding."""
+    b = sets.get("backbone")
+    if b is None or b.shape[1] <= pcs:
+        return sets
+    b = np.nan_to_num(b)
+    mu = b[rows].mean(0)
+    vt = np.linalg.svd(b[rows] - mu, full_matrices=False)[2]
+    comps = (b - mu) @ vt[:pcs].T
+    out = {**sets, "backbone": comps}
+    if "combined" in sets:
+        out["combined"] = np.concatenate([comps, sets["combined"][:, b.shape[1]:]], axis=1)
+    return out
 
 
 def run_probe(cat: Catalog | None, seed: int = 0, embeddings: dict[str, np.ndarray] | np.ndarray | None = None,
@@ -77,6 +98,7 @@ def run_probe(cat: Catalog | None, seed: int = 0, embeddings: dict[str, np.ndarr
     if min(len(split.train), len(split.val), len(split.test)) < 2:
         raise WildzooError(f"too few trained models ({len(np.unique(pop.groups))}) for a 70/15/15 split")
     sets = sets or feature_sets(cat, pop, embeddings)
+    tree_sets = trees_inputs(sets, np.concatenate([split.train, split.val]))
     results, preds = [], {"true": {}, "pred": {}}
     for name, y in targets.items():
         ok = np.isfinite(y)
@@ -88,7 +110,7 @@ def run_probe(cat: Catalog | None, seed: int = 0, embeddings: dict[str, np.ndarr
             heads = [("ridge", lambda x=x, y=y, s=s: probe.ridge_probe(x, y, s)[:2]),
                      ("ridge-robust", lambda x=x, y=y, s=s: probe.ridge_probe(x, y, s, robust=True)[:2])]
             if x.shape[1] <= TREES_MAX and fname not in RIDGE_ONLY:
-                heads.append(("trees", lambda x=x, y=y, s=s: probe.trees_probe(x, y, s, seed)))
+                heads.append(("trees", lambda x=tree_sets[fname], y=y, s=s: probe.trees_probe(x, y, s, seed)))
             for head, fn in heads:
                 r2, pred = fn()
                 method = f"{fname} {head}"
@@ -100,7 +122,7 @@ def run_probe(cat: Catalog | None, seed: int = 0, embeddings: dict[str, np.ndarr
             for head in ("logistic", "trees"):
                 if x.shape[1] > TREES_MAX or fname in RIDGE_ONLY + NO_CLASSES:  # W: trees do not scale to it, its logistic
                     continue  # head costs minutes; the plain mean is a comparison, not a contender
-                acc = probe.classify_probe(x, labels, split, head, seed)
+                acc = probe.classify_probe(tree_sets[fname] if head == "trees" else x, labels, split, head, seed)
                 results.append({"property": name, "method": f"{fname} {head}", "metric": "accuracy",
                                 "value": acc, "n_test": int(len(split.test)), "seed": seed})
     preds["features"] = sets["s(W)"]
