@@ -121,10 +121,10 @@ class TrainConfig:
         # enough optimizer steps for per-weight reconstruction (945 on the README zoo with 2 workers), each cheap: the
         # steps count more than the windows per step (2026-12-07, held-out models with accuracy >= 0.5, decoded /
         # true statistics: 4 views and batches of 16 keep 91.0% / 93.7% in 15 epochs, 69.6% / 74.6% in 8; 2 views and
-        # batches of 8, the same steps at half the compute, 85.5% / 88.4%, and the README command fits in 10
-        # minutes on 2 cores). The behaviour head's gradient, at weight 1, held the reconstruction MSE near that of
-        # predicting zeros (bench/recon.py)
-        return cls(model=ModelConfig.small(), epochs=15, batch_size=8, views=2, lr=1e-3, warmup=0.1,
+        # batches of 8, the same steps at half the compute, 85.5% / 88.4% at lr 1e-3, 86.2% / 91.3% at 2e-3, and the
+        # README command fits in 10 minutes on 2 cores). The behaviour head's gradient, at weight 1, held the
+        # reconstruction MSE near that of predicting zeros (bench/recon.py)
+        return cls(model=ModelConfig.small(), epochs=15, batch_size=8, views=2, lr=2e-3, warmup=0.1,
                    weight_decay=1e-4, behaviour_head=0.1, val_batches=16)
 
     @classmethod

@@ -93,10 +93,10 @@ def _autocast(device: torch.device, enabled: bool):
 
 
 def validate(model: torch.nn.Module, cfg: TrainConfig, batches, device: torch.device, amp: bool,
-             behaviour=None) -> tuple[float, float, float, float]:
+             behaviour=None, loss_cfg=None) -> tuple[float, float, float, float]:
     """(sum of losses, batches, sum of reconstruction MSEs, sum of predict-zeros MSEs) over this rank's held-out
     windows (`batches`: its shard of the validation stream), with the same augmentations every epoch so the curve
-    compares."""
+    compares; `loss_cfg`: the epoch's loss (before `behaviour_from` without the behavioural term, as in training)."""
     model.eval()
     total, count, mse, zeros = 0.0, 0, 0.0, 0.0
     state = torch.random.get_rng_state()
@@ -107,7 +107,7 @@ def validate(model: torch.nn.Module, cfg: TrainConfig, batches, device: torch.de
     with torch.no_grad():
         for batch in batches:
             with _autocast(device, amp):
-                out = backbone_loss(model, batch, cfg.loss, behaviour, zeros=True)
+                out = backbone_loss(model, batch, loss_cfg or cfg.loss, behaviour, zeros=True)
             total += float(out["loss"].detach())
             mse += float(out["mse"].detach())
             zeros += float(out["zeros_mse"].detach())
@@ -243,7 +243,7 @@ def train_loop(config: dict[str, Any]) -> dict[str, Any]:
                    "steps": steps, "rss_mb": _all_max(peak_rss_mb(), device)}
         if val_shard is not None:
             vsum, vcount, vmse, vzeros = _all_sum(list(validate(_unwrap(model), cfg, batches(val_shard, None, shuffle=False),
-                                                                device, amp, behaviour)), device)
+                                                                device, amp, behaviour, loss_cfg)), device)
             metrics["val_loss"] = vsum / max(vcount, 1)
             # the held-out reconstruction error relative to predicting zeros (1 − R²): unlike the loss, it does not
             # depend on γ, τ or the normalization's scale, so runs of different settings compare (train tune)
