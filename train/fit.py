@@ -45,6 +45,7 @@ from train.run import MODEL_FILE, RAY_RUN_NAME, RunDir
 from train.stream import data_config, window_count, window_dataset
 
 log = logging.getLogger(__name__)
+VAL_CACHE_BYTES = 512 * 2**20  # a rank keeps its held-out batches in memory up to this size (train_loop)
 
 
 def lr_factor(step: int, total: int, warmup: float, schedule: str) -> float:
@@ -200,6 +201,7 @@ def train_loop(config: dict[str, Any]) -> dict[str, Any]:
     amp = cfg.amp and device.type == "cuda"
 
     writer = tensorboard_writer(config.get("run")) if rank == 0 and start_epoch < cfg.epochs else None
+    val_batches = None  # this rank's held-out batches, once streamed (False: too large to keep, streamed each epoch)
     behaviour_epoch = int(round(cfg.behaviour_from * cfg.epochs))  # the first epoch with the behavioural loss
     for epoch in range(start_epoch, cfg.epochs):
         loss_cfg = cfg.loss if epoch >= behaviour_epoch else dataclasses.replace(cfg.loss, behaviour=0.0)
@@ -242,8 +244,15 @@ def train_loop(config: dict[str, Any]) -> dict[str, Any]:
                    "windows_per_s": _all_sum([windows], device)[0] / max(seconds, 1e-9),
                    "steps": steps, "rss_mb": _all_max(peak_rss_mb(), device)}
         if val_shard is not None:
-            vsum, vcount, vmse, vzeros = _all_sum(list(validate(_unwrap(model), cfg, batches(val_shard, None, shuffle=False),
-                                                                device, amp, behaviour, loss_cfg)), device)
+            if val_batches is None:  # the held-out windows are the same every epoch (no shuffle, no permuted views):
+                # streamed once and kept where they fit, since another pass of the stream each epoch cost more than the
+                # validation itself (a second Ray Data execution beside the training one: ~7 s of a 17 s epoch, small)
+                val_batches = list(batches(val_shard, None, shuffle=False))
+                if sum(t.nbytes for b in val_batches for t in b.values()) > VAL_CACHE_BYTES:
+                    val_batches = False
+            vsum, vcount, vmse, vzeros = _all_sum(list(validate(
+                _unwrap(model), cfg, val_batches or batches(val_shard, None, shuffle=False), device, amp, behaviour,
+                loss_cfg)), device)
             metrics["val_loss"] = vsum / max(vcount, 1)
             # the held-out reconstruction error relative to predicting zeros (1 − R²): unlike the loss, it does not
             # depend on γ, τ or the normalization's scale, so runs of different settings compare (train tune)
