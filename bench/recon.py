@@ -100,9 +100,9 @@ def main() -> int:
         rec = held_out_report(args.catalog, run)
         print(f"behaviour {w:g}: fit {time.time() - t0:.0f}s, final loss {s['history'][-1]['loss']:.4f}")
         print("  " + reconstruction_line(rec))
-        print(f"  kept (decoded statistics) {rec.get('kept', float('nan')):.1%}, kept (true statistics) "
-              f"{rec.get('kept_true', float('nan')):.1%}, MSE median {rec['mse_median']:.4f} vs zeros "
-              f"{rec['zeros_median']:.4f}", flush=True)
+        pct = lambda key: f"{rec[key]:.1%}" if rec.get(key) is not None else "not measured"  # noqa: E731
+        print(f"  kept (decoded statistics) {pct('kept')}, kept (true statistics) {pct('kept_true')}, MSE median "
+              f"{rec['mse_median']:.4f} vs zeros {rec['zeros_median']:.4f}", flush=True)
         if rec.get("kept_parts"):
             print("  " + ablation_line(rec), flush=True)
     return 0

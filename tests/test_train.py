@@ -350,6 +350,33 @@ def test_a_fit_plan_travels_as_plain_data_and_knows_its_split(zoo_catalog):
     assert other.norm.mode == "per-tensor" and other.train == plan.train and other.archs == plan.archs
 
 
+def test_models_longer_than_the_window_are_said_not_rebuilt_rather_than_scored_as_nan(zoo_catalog, caplog):
+    """A window shorter than the zoo's models holds none whole, so none can be rebuilt and run: the plan warns with the
+    window the models need, and the reconstruction report says accuracy kept was not measured (no NaN)."""
+    from train.__main__ import reconstruction_line
+    from train.behaviour import reconstruction_report
+    from train.plan import make_plan
+
+    _, cat_path = zoo_catalog
+    cat = Catalog.open(str(cat_path))
+    longest = max(r.n_tokens for r in list_models(cat))
+    for window, warned in ((longest - 1, True), (longest, False)):
+        cfg = TrainConfig.debug()
+        cfg = cfg.replace(model=dataclasses.replace(cfg.model, window=window))
+        caplog.clear()
+        with caplog.at_level("WARNING", logger="train.plan"):
+            plan = make_plan(cat, cfg)
+        assert (f"set model.window >= {longest}" in caplog.text) is warned
+    torch.manual_seed(0)
+    model = Backbone(dataclasses.replace(ModelConfig.debug(cat.spec.token_size), window=longest - 1)).eval()
+    held = list(plan.held)
+    rec = reconstruction_report(model, cat, held, plan.norm, plan.archs, list(plan.arch_keys))
+    assert rec["too_long"] == sum(r.n_tokens > longest - 1 for r in held) > 0 and rec["too_long_tokens"] <= longest
+    assert rec.get("kept") is None and rec["mse_median"] > 0
+    line = reconstruction_line(rec)
+    assert "accuracy kept not measured" in line and f"window of {longest - 1}" in line and "nan" not in line
+
+
 @pytest.mark.ray
 def test_the_ray_data_stream_gives_every_rank_equal_steps_of_whole_model_windows(zoo_catalog, ray_session):
     """Windows from Ray Data, split 3 ways with equal=True (as TorchTrainer does): every rank takes the same

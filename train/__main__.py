@@ -284,6 +284,10 @@ def reconstruction_line(rec: dict) -> str:
         line += (f"; rebuilt, the {rec['good']} with accuracy >= {rec['min_acc']} keep {rec['kept']:.1%} of it with the "
                  f"decoded statistics ({rec['kept_true']:.1%} with the true ones; all {rec['rebuildable']}: "
                  f"{rec['orig_acc']:.3f} -> {rec['rebuilt_acc']:.3f})")
+    elif rec.get("too_long") and not rec.get("rebuildable"):
+        line += (f"; accuracy kept not measured: the {rec['too_long']} held-out models of a known architecture have up "
+                 f"to {rec['too_long_tokens']} tokens, more than the window of {rec['window']} (a model is rebuilt "
+                 f"and run whole: set model.window >= {rec['too_long_tokens']})")
     if rec.get("head_r2"):
         line += "\nbehaviour head, fingerprint of held-out models predicted from weights: R² " + ", ".join(
             f"{k} {v:.3f}" for k, v in rec["head_r2"].items())

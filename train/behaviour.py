@@ -235,6 +235,19 @@ ABLATION = {"weight means decoded": ("mu",), "weight stds decoded": ("sd",), "bi
 
 
 @torch.no_grad()
+def too_long(refs: list, archs: dict[str, int], window: int) -> list:
+    """The models of `refs` of a known architecture with more tokens than `window`: no window holds one whole, so none
+    is rebuilt and run (no behavioural loss, no behaviour-head target, no accuracy kept, no sampling)."""
+    return [r for r in refs if r.model_id in archs and r.n_tokens > window]
+
+
+def too_long_line(models: list, window: int) -> str:
+    return (f"{len(models)} model(s) of a known architecture have more tokens (up to {max(r.n_tokens for r in models)}) "
+            f"than the window of {window}: none is rebuilt or run (no behavioural loss, behaviour head or accuracy "
+            f"kept for them); set model.window >= {max(r.n_tokens for r in models)}")
+
+
+@torch.no_grad()
 def reconstruction_report(model: torch.nn.Module, cat: Catalog, refs: list, norm, archs: dict[str, int],
                           keys: list[str], batch_size: int = 64, min_acc: float = 0.5, ablation: bool = False) -> dict:
     """How well `model` (a Backbone, eval mode) rebuilds the models of `refs` (held out from training).
@@ -247,7 +260,8 @@ def reconstruction_report(model: torch.nn.Module, cat: Catalog, refs: list, norm
     digits test split next to the original (its own tokens through the same normalization: identical but for
     entries beyond ±CLIP σ): mean accuracies, and the mean ratio rebuilt/original over the models whose
     original accuracy ≥ min_acc (`kept`, `kept_true`). With `ablation` (and decoded statistics), also `kept_parts`:
-    the same ratio with one part of the statistics decoded at a time (`ABLATION`).
+    the same ratio with one part of the statistics decoded at a time (`ABLATION`). A model with more tokens than the
+    window is not rebuilt whole: counted in `too_long` (its MSE still counts).
     """
     from train.data import tiled_batches
     from train.fingerprint import HEAD_SUMMARIES, head_target
@@ -255,6 +269,7 @@ def reconstruction_report(model: torch.nn.Module, cat: Catalog, refs: list, norm
 
     S = model.cfg.token_size
     behaviour = Behaviour(keys, S, n_head=model.cfg.behaviour_queries or N_QUERY)
+    long = too_long(refs, archs, model.cfg.window)
     fp_true, fp_pred = [], []
     _, _, x_test, y_test = load_digits_split()
     err = np.zeros(len(refs))
@@ -296,7 +311,8 @@ def reconstruction_report(model: torch.nn.Module, cat: Catalog, refs: list, norm
            "zeros_median": float(np.median(zeros)) if len(refs) else None,
            "zeros_mean": float(zeros.mean()) if len(refs) else None,
            "r2": float(1 - err.sum() / zero.sum()) if zero.sum() > 0 else None,
-           "norm": getattr(norm, "mode", None)}
+           "norm": getattr(norm, "mode", None), "window": model.cfg.window, "too_long": len(long),
+           "too_long_tokens": max((r.n_tokens for r in long), default=0)}
     if fp_true:  # how well the behaviour head predicts the true fingerprint of held-out models, per summary
         t, p = np.concatenate(fp_true), np.concatenate(fp_pred)
         r2 = 1 - ((t - p) ** 2).sum(0) / np.maximum(((t - t.mean(0)) ** 2).sum(0), 1e-12)

@@ -46,7 +46,9 @@ class ModelConfig:
     n_layers: int = 4  # transformer blocks in the encoder, and again in the decoder
     n_heads: int = 8
     d_latent: int = 128  # L: latent per token
-    window: int = 32  # T: tokens per window
+    # T: tokens per window (SANE's CNN zoos: 32-64). A model is rebuilt and run — behavioural loss, behaviour head,
+    # accuracy kept, sampling — only from a window that holds it whole: the digits CNNs have 54 tokens
+    window: int = 64
     dropout: float = 0.1
     n_roles: int = len(ROLES)
     proj_dim: int = 64  # P: output of the projection head (contrastive loss)

@@ -10,6 +10,7 @@ on a shared plan instead of re-reading the model list and refitting the normaliz
 from __future__ import annotations
 
 import dataclasses
+import logging
 from dataclasses import astuple, dataclass
 from typing import Any
 
@@ -17,6 +18,8 @@ from catalog.errors import WildzooError
 from catalog.store import Catalog
 from train.data import ModelRef, list_models, split_models
 from train.normalize import Normalizer, fit_normalizer
+
+log = logging.getLogger(__name__)
 
 
 def catalog_id(cat: Catalog) -> str:
@@ -61,7 +64,7 @@ class FitPlan:
 def make_plan(cat: Catalog, cfg, norm: Normalizer | None = None) -> FitPlan:
     """The plan of a fit of `cfg` (a TrainConfig) on `cat`; `norm`: a normalizer already fitted (a resumed run
     keeps its own), else one of `cfg.norm` is fitted on the training models."""
-    from train.behaviour import model_archs
+    from train.behaviour import model_archs, too_long, too_long_line
 
     refs = list_models(cat)
     if not refs:
@@ -73,6 +76,9 @@ def make_plan(cat: Catalog, cfg, norm: Normalizer | None = None) -> FitPlan:
              "held_out_groups": len({r.group for r in held})}
     arch_of = model_archs(cat, [r.model_id for r in refs])
     keys = sorted(set(arch_of.values()))
+    long = too_long(refs, arch_of, cfg.model.window)
+    if long:
+        log.warning(too_long_line(long, cfg.model.window))
     return FitPlan(catalog_id(cat), cat.spec.token_size, tuple(train), tuple(held),
                    norm if norm is not None else fit_normalizer(cat, train, cfg.norm), tuple(keys),
                    {m: keys.index(k) for m, k in arch_of.items()}, split)
