@@ -202,6 +202,13 @@ class Catalog:
                 if i.base_name.startswith(TMP_PREFIX) or (table != "models" and stem and stem not in committed):
                     self.fs.delete_file(i.path)
                     removed += 1
+        # the small files written whole (atomic_write): a kill between writing and renaming leaves the temporary one
+        for folder in (self.root, f"{self.root}/_stats", f"{self.root}/{COMPACTIONS}"):
+            sel = pafs.FileSelector(folder, allow_not_found=True)
+            for i in self.fs.get_file_info(sel):
+                if i.type == pafs.FileType.File and i.base_name.startswith(TMP_PREFIX):
+                    self.fs.delete_file(i.path)
+                    removed += 1
         return removed
 
     def new_shard(self, stamp: str | None = None, settings: dict | None = None, model_id: str | None = None) -> Shard:

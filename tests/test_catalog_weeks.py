@@ -165,6 +165,23 @@ def test_a_compaction_killed_anywhere_loses_nothing_and_shows_no_half_state(tmp_
     assert len(cat.files("models")) in ((shards,) if kill_at.startswith("before") else (1,))
 
 
+def test_clean_removes_what_a_kill_mid_write_leaves_of_journals_statistics_and_the_spec(tmp_path):
+    """A kill between writing a small file whole and renaming it (a compaction's journal, a shard's statistics, the
+    catalog's spec) leaves a temporary file; the next crawl or compaction removes it, and nothing else."""
+    cat = _crawled(tmp_path, n=4)
+    before = _content(cat)
+    root = Path(cat.root)
+    (root / "_compactions").mkdir(exist_ok=True)
+    left = [root / "_compactions" / ".tmp-1a2b3c4d-x-merged-0.json", root / "_stats" / ".tmp-5e6f7a8b-x.json",
+            root / ".tmp-9c0d1e2f-catalog.json"]
+    kept = sorted(p for p in root.rglob("*") if p.is_file())
+    for f in left:
+        f.write_text("{")
+    assert cat.clean() == len(left)
+    assert not any(f.exists() for f in left) and sorted(p for p in root.rglob("*") if p.is_file()) == kept
+    assert _content(Catalog.open(cat.uri)) == before
+
+
 def test_sigkill_mid_compaction_then_a_rerun_leaves_the_uncompacted_catalog(tmp_path):
     """`python -m catalog compact` SIGKILLed once its first merged shard is committed (observed on disk), then run
     again: every reader sees the uncompacted catalog's content, in fewer shards, with nothing left over."""
