@@ -195,18 +195,14 @@ class Catalog:
 
         removed = finish_compactions(self)
         committed = self.shard_ids("models")
-        for table in TABLES:
-            sel = pafs.FileSelector(f"{self.root}/{table}", allow_not_found=True)
+        # the tables' folders, and those of the small files written whole (atomic_write: the spec, statistics,
+        # compaction journals), where a kill between writing and renaming leaves the temporary file
+        for folder in (*TABLES, "_stats", COMPACTIONS, ""):
+            sel = pafs.FileSelector(f"{self.root}/{folder}".rstrip("/"), allow_not_found=True)
             for i in self.fs.get_file_info(sel):
                 stem = i.base_name[: -len(".parquet")] if i.base_name.endswith(".parquet") else None
-                if i.base_name.startswith(TMP_PREFIX) or (table != "models" and stem and stem not in committed):
-                    self.fs.delete_file(i.path)
-                    removed += 1
-        # the small files written whole (atomic_write): a kill between writing and renaming leaves the temporary one
-        for folder in (self.root, f"{self.root}/_stats", f"{self.root}/{COMPACTIONS}"):
-            sel = pafs.FileSelector(folder, allow_not_found=True)
-            for i in self.fs.get_file_info(sel):
-                if i.type == pafs.FileType.File and i.base_name.startswith(TMP_PREFIX):
+                uncommitted = folder in TABLES and folder != "models" and stem and stem not in committed
+                if i.type == pafs.FileType.File and (i.base_name.startswith(TMP_PREFIX) or uncommitted):
                     self.fs.delete_file(i.path)
                     removed += 1
         return removed

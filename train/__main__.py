@@ -277,6 +277,8 @@ def probe_command(args) -> int:
 
 def reconstruction_line(rec: dict) -> str:
     """The held-out reconstruction of a fit, in one line: per-model MSE against predicting zeros, accuracy kept."""
+    from train.behaviour import too_long_line
+
     line = (f"held-out models: reconstruction MSE median {rec['mse_median']:.4f}, mean {rec['mse_mean']:.4f} per model "
             f"(predicting zeros: {rec['zeros_median']:.4f}, {rec['zeros_mean']:.4f}; R² {rec['r2']:.3f}), normalized "
             f"{rec['norm']}") if rec.get("mse_median") is not None else f"held-out models: reconstruction MSE {rec['mse']:.4f}"
@@ -285,9 +287,8 @@ def reconstruction_line(rec: dict) -> str:
                  f"decoded statistics ({rec['kept_true']:.1%} with the true ones; all {rec['rebuildable']}: "
                  f"{rec['orig_acc']:.3f} -> {rec['rebuilt_acc']:.3f})")
     elif rec.get("too_long") and not rec.get("rebuildable"):
-        line += (f"; accuracy kept not measured: the {rec['too_long']} held-out models of a known architecture have up "
-                 f"to {rec['too_long_tokens']} tokens, more than the window of {rec['window']} (a model is rebuilt "
-                 f"and run whole: set model.window >= {rec['too_long_tokens']})")
+        line += "; accuracy kept not measured: held-out " + too_long_line(rec["too_long"], rec["too_long_tokens"],
+                                                                         rec["window"])
     if rec.get("head_r2"):
         line += "\nbehaviour head, fingerprint of held-out models predicted from weights: R² " + ", ".join(
             f"{k} {v:.3f}" for k, v in rec["head_r2"].items())

@@ -234,17 +234,17 @@ def accuracy(a: Arch, raw: Tensor, x: Tensor, y: Tensor) -> np.ndarray:
 ABLATION = {"weight means decoded": ("mu",), "weight stds decoded": ("sd",), "bias mean and std decoded": ("bmu", "bsd")}
 
 
-@torch.no_grad()
 def too_long(refs: list, archs: dict[str, int], window: int) -> list:
     """The models of `refs` of a known architecture with more tokens than `window`: no window holds one whole, so none
     is rebuilt and run (no behavioural loss, no behaviour-head target, no accuracy kept, no sampling)."""
     return [r for r in refs if r.model_id in archs and r.n_tokens > window]
 
 
-def too_long_line(models: list, window: int) -> str:
-    return (f"{len(models)} model(s) of a known architecture have more tokens (up to {max(r.n_tokens for r in models)}) "
-            f"than the window of {window}: none is rebuilt or run (no behavioural loss, behaviour head or accuracy "
-            f"kept for them); set model.window >= {max(r.n_tokens for r in models)}")
+def too_long_line(count: int, longest: int, window: int) -> str:
+    """What `too_long` found, said once for the fit's warning and the reconstruction report."""
+    return (f"{count} model(s) of a known architecture have more tokens (up to {longest}) than the window of {window}: "
+            f"none is rebuilt or run (no behavioural loss, behaviour head or accuracy kept for them); "
+            f"set model.window >= {longest}")
 
 
 @torch.no_grad()

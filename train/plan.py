@@ -78,7 +78,7 @@ def make_plan(cat: Catalog, cfg, norm: Normalizer | None = None) -> FitPlan:
     keys = sorted(set(arch_of.values()))
     long = too_long(refs, arch_of, cfg.model.window)
     if long:
-        log.warning(too_long_line(long, cfg.model.window))
+        log.warning(too_long_line(len(long), max(r.n_tokens for r in long), cfg.model.window))
     return FitPlan(catalog_id(cat), cat.spec.token_size, tuple(train), tuple(held),
                    norm if norm is not None else fit_normalizer(cat, train, cfg.norm), tuple(keys),
                    {m: keys.index(k) for m, k in arch_of.items()}, split)
