@@ -2,7 +2,7 @@
 
 The debug fits run on the shared lab-zoo catalog (conftest `zoo_catalog`). A 1-worker debug fit with a
 fixed seed is compared with the reference loss curve in tests/assets/; after a deliberate change to
-the model, losses or data, regenerate it with `WILDZOO_UPDATE_REFERENCE=1 pytest tests/test_train.py -k reference` (NT-Xent moves ±9% from run to run: keep the mean of a few runs).
+the model, losses or data, regenerate it with `python bench/loss_curve_spread.py --write-reference` (the mean of 20 runs, and their spread).
 """
 
 from __future__ import annotations
@@ -10,7 +10,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import os
 from pathlib import Path
 
 import numpy as np
@@ -543,22 +542,20 @@ def test_probe_with_a_run_prints_backbone_rows(fitted, capsys, tmp_path, monkeyp
 
 @pytest.mark.ray
 def test_debug_loss_curve_matches_the_reference(zoo_catalog, tmp_path):
-    """1 worker, debug flavour, seed 0, 3 epochs: the loss per epoch within 5% of tests/assets/ (the Ray Data
-    stream may hand a batch to the step in another order from one run to the next: runs differ by up to ~2%)."""
+    """1 worker, debug flavour, seed 0, 3 epochs: the loss per epoch near the mean curve of 20 runs in tests/assets/.
+
+    A fit is not bit-reproducible (the Ray Data stream draws a fresh unit and window order every epoch, so batches
+    meet the step in another order), so each term is held to twice the largest deviation of one run from the mean
+    that bench/loss_curve_spread.py measured over 20 runs (loss 1.6%, mse 0.1%, stats 8.1%, NT-Xent 18.6%, val
+    1.9%), 5% at least. A fit that stops learning leaves them far behind: its statistics loss stays near epoch 1's
+    (+30% at epoch 3), a broken contrastive loss near log(2B − 1) ≈ 3.4 (+79%)."""
     from train.fit import fit
 
     _, cat = zoo_catalog
     s = fit(str(cat), str(tmp_path / "ref"), TrainConfig.debug().replace(epochs=3, seed=0))
     curve = {k: [round(h[k], 6) for h in s["history"]] for k in ("loss", "mse", "stats_mse", "ntx", "val_loss")}
-    if os.environ.get("WILDZOO_UPDATE_REFERENCE"):
-        REFERENCE.parent.mkdir(exist_ok=True)
-        REFERENCE.write_text(json.dumps({"config": "TrainConfig.debug(), epochs 3, seed 0, 1 worker; zoo_catalog",
-                                         **curve}, indent=1) + "\n")
     ref = json.loads(REFERENCE.read_text())
+    rtols = {"loss": 0.05, "mse": 0.05, "stats_mse": 0.17, "ntx": 0.38, "val_loss": 0.05}
     for key, values in curve.items():
-        # NT-Xent's value depends on which windows share a batch (its negatives), which the stream's bounded
-        # local shuffle decides: it varies more from run to run than the reconstruction terms (5 runs of epoch 2:
-        # 1.90 to 2.28, ±9% around their mean, which the reference holds; its tails reach further): a broken
-        # contrastive loss stays near log(2B − 1) ≈ 3.4, far outside
-        rtol = 0.25 if key == "ntx" else 0.05
+        rtol = rtols[key]
         np.testing.assert_allclose(values, ref[key], rtol=rtol, err_msg=f"{key} per epoch left the reference curve")
