@@ -19,9 +19,9 @@ import torch
 from train.config import TrainConfig
 
 ROOT = Path(__file__).resolve().parent.parent
-# a debug epoch takes under a second and the driver sees worker log lines late: enough epochs that the kill
-# lands while the first worker group still runs
-EPOCHS = 30
+# a debug epoch takes about 2 s with its checkpoint and the driver sees worker log lines late (under a second):
+# the kill, once epoch 5 is logged, lands with ten epochs (~20 s) of the first worker group still to run
+EPOCHS = 15
 
 
 @pytest.mark.ray

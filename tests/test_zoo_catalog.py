@@ -172,7 +172,7 @@ def test_statistics_baseline_clears_the_bar_on_the_digits_zoo(tmp_path, ray_sess
     from catalog.store import Catalog
     from train.evaluate import run_probe
 
-    results, _ = run_probe(Catalog.open(str(cat)))
+    results, _ = run_probe(Catalog.open(str(cat)), categorical=False)  # the hyperparameters' trees: not the bar
     best = max(r["value"] for r in results if r["property"] == "test_acc" and r["method"].startswith("s(W)"))
     assert best >= 0.9
 
