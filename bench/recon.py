@@ -2,7 +2,7 @@
 
     python bench/recon.py [--catalog wildzoo-data/catalog] [--flavour small] [--epochs N] [--behaviour 0,1]
                           [--set key=value ...] [--workers 2]
-    python bench/recon.py --ablate RUN        # the statistics ablation of a run trained already
+    python bench/recon.py --ablate RUN        # the report and statistics ablation of a run trained already
 
 For each behavioural-loss weight in --behaviour, one `train fit` (Ray Train, the same code as the CLI) into
 bench/out/recon-<flavour>-b<weight>/, then its held-out reconstruction report (train.behaviour.reconstruction_report):
@@ -77,11 +77,13 @@ def main() -> int:
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="a TrainConfig field")
     ap.add_argument("--out", default=str(ROOT / "bench" / "out"))
-    ap.add_argument("--ablate", metavar="RUN", help="only print the statistics ablation of this run folder (no fit)")
+    ap.add_argument("--ablate", metavar="RUN", help="only print the report and statistics ablation of this run folder "
+                                                    "(no fit)")
     args = ap.parse_args()
     setup_logging(False)
     if args.ablate:
         rec = held_out_report(args.catalog, Path(args.ablate))
+        print(reconstruction_line(rec))
         print(ablation_line(rec) if rec.get("kept_parts") else "no statistics ablation: no held-out model of a "
               "rebuildable architecture with accuracy >= 0.5, or statistics not decoded")
         return 0
