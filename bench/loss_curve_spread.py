@@ -2,8 +2,9 @@
 
     python bench/loss_curve_spread.py [--runs 20] [--out bench/out/loss-curve] [--write-reference]
 
-Builds the tests' zoo_catalog (24 CNNs × 4 checkpoints on digits, seed 1), then fits `TrainConfig.debug()`, 3 epochs,
-seed 0, 1 worker, `--runs` times in one local Ray (4 CPUs, as the tests' session). A fit is not bit-reproducible: the
+Builds the tests' lab zoo catalog (tests/modelfactory.py `lab_zoo_catalog`: 24 CNNs × 4 checkpoints on digits), then
+runs the reference fit (`reference_curve`: debug flavour, 3 epochs, seed 0, 1 worker) `--runs` times in one local Ray
+(4 CPUs, as the tests' session). A fit is not bit-reproducible: the
 Ray Data stream draws a fresh unit order and window order every epoch, so batches meet the step in another order.
 Prints, per loss term and epoch, the mean, sd, min, max and the largest relative deviation of one run from the mean:
 the tolerance the test needs is read off here, not guessed. `--write-reference` writes the mean curve to
@@ -23,10 +24,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 # bench/ holds tokenize.py, which would shadow the standard library's module that torch imports
-sys.path[:] = [str(ROOT)] + [p for p in sys.path if Path(p or ".").resolve() != ROOT / "bench"]
-
-KEYS = ("loss", "mse", "stats_mse", "ntx", "val_loss")
-REFERENCE = ROOT / "tests" / "assets" / "debug_loss_curve.json"
+sys.path[:] = [str(ROOT), str(ROOT / "tests")] + [p for p in sys.path if Path(p or ".").resolve() != ROOT / "bench"]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -39,31 +37,24 @@ def main(argv: list[str] | None = None) -> int:
     import numpy as np
     import ray
 
-    from crawl.__main__ import cli as crawl_cli
-    from train.config import TrainConfig
-    from train.fit import fit
-    from zoo import generate
+    from modelfactory import REFERENCE_CURVE, lab_zoo_catalog, reference_curve
 
     out = Path(a.out)
-    zoo, cat = out / "zoo", out / "cat"
-    if not cat.exists():
-        generate(zoo, models=24, epochs=3, seed=1, workers=2, arch="cnn")
-        assert crawl_cli(["zoo", str(zoo), "--catalog", str(cat)]) == 0
+    cat = out / "cat" if (out / "cat").exists() else lab_zoo_catalog(out)[1]
     ray.init(num_cpus=4, include_dashboard=False, logging_level="WARNING",
              runtime_env={"env_vars": {"PYTHONPATH": str(ROOT)}})
-    curves = {k: [] for k in KEYS}
+    curves: dict[str, list] = {}
     for i in range(a.runs):
-        s = fit(str(cat), str(out / f"run{i}"), TrainConfig.debug().replace(epochs=3, seed=0))
-        for k in KEYS:
-            curves[k].append([h[k] for h in s["history"]])
-        print(f"run {i + 1}/{a.runs}: " + "  ".join(f"{k} {curves[k][-1][-1]:.4f}" for k in KEYS), flush=True)
+        for k, v in reference_curve(cat, out / f"run{i}").items():
+            curves.setdefault(k, []).append(v)
+        print(f"run {i + 1}/{a.runs}: " + "  ".join(f"{k} {v[-1][-1]:.4f}" for k, v in curves.items()), flush=True)
     ray.shutdown()
     (out / "curves.json").write_text(json.dumps(curves, indent=1) + "\n")
 
     print(f"\n{a.runs} runs; per epoch: mean ± sd [min, max], largest |run − mean| / mean")
-    ref = json.loads(REFERENCE.read_text()) if REFERENCE.exists() else {}
+    ref = json.loads(REFERENCE_CURVE.read_text()) if REFERENCE_CURVE.exists() else {}
     mean_curve = {}
-    for k in KEYS:
+    for k in curves:
         v = np.array(curves[k])
         mean, sd = v.mean(0), v.std(0, ddof=1)
         dev = (np.abs(v - mean) / np.abs(mean)).max(0)
@@ -75,10 +66,10 @@ def main(argv: list[str] | None = None) -> int:
             rdev = (np.abs(v - np.array(ref[k])) / np.abs(np.array(ref[k]))).max(0)
             print(f"{'':9s} largest |run − reference| / reference: " + "  ".join(f"{d:.1%}" for d in rdev))
     if a.write_reference:
-        REFERENCE.write_text(json.dumps({"config": f"TrainConfig.debug(), epochs 3, seed 0, 1 worker; zoo_catalog; "
+        REFERENCE_CURVE.write_text(json.dumps({"config": f"TrainConfig.debug(), epochs 3, seed 0, 1 worker; zoo_catalog; "
                                                    f"the mean of {a.runs} runs (bench/loss_curve_spread.py)",
                                          **mean_curve}, indent=1) + "\n")
-        print(f"wrote {REFERENCE.relative_to(ROOT)}")
+        print(f"wrote {REFERENCE_CURVE.relative_to(ROOT)}")
     return 0
 
 

@@ -71,19 +71,12 @@ def s3_bucket(s3_server, request):
 
 @pytest.fixture(scope="session")
 def zoo_catalog(tmp_path_factory, ray_session):
-    """A lab zoo (24 CNNs × 4 checkpoints on digits) crawled into a catalog with `crawl zoo`'s defaults (row
-    tokens, token size auto: 73, the widest row with its bias): (zoo, catalog).
+    """`modelfactory.lab_zoo_catalog`: a lab zoo (24 CNNs × 4 checkpoints on digits) crawled, (zoo, catalog).
 
     Session-scoped: the zoo and catalog tests and the trainer tests share it (about a minute to build)."""
-    from crawl.__main__ import cli as crawl_cli
-    from zoo import generate
+    import modelfactory
 
-    root = tmp_path_factory.mktemp("labzoo")
-    zoo = root / "zoo"
-    generate(zoo, models=24, epochs=3, seed=1, workers=2, arch="cnn")
-    cat = root / "cat"
-    assert crawl_cli(["zoo", str(zoo), "--catalog", str(cat)]) == 0
-    return zoo, cat
+    return modelfactory.lab_zoo_catalog(tmp_path_factory.mktemp("labzoo"))
 
 
 @pytest.fixture(scope="session")

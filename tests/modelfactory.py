@@ -10,6 +10,32 @@ import numpy as np
 import torch
 from safetensors.torch import save_file
 
+REFERENCE_CURVE = Path(__file__).parent / "assets" / "debug_loss_curve.json"  # mean of bench/loss_curve_spread.py
+
+
+def lab_zoo_catalog(root: Path) -> tuple[Path, Path]:
+    """A lab zoo (24 CNNs × 4 checkpoints on digits, seed 1) crawled into a catalog with `crawl zoo`'s defaults
+    (row tokens, token size auto: 73, the widest row with its bias): (zoo, catalog). conftest's `zoo_catalog`;
+    bench/loss_curve_spread.py builds the same."""
+    from crawl.__main__ import cli as crawl_cli
+    from zoo import generate
+
+    zoo, cat = root / "zoo", root / "cat"
+    generate(zoo, models=24, epochs=3, seed=1, workers=2, arch="cnn")
+    if crawl_cli(["zoo", str(zoo), "--catalog", str(cat)]) != 0:
+        raise RuntimeError(f"crawl zoo {zoo} failed")
+    return zoo, cat
+
+
+def reference_curve(cat: Path, out: Path) -> dict[str, list[float]]:
+    """The loss terms per epoch of the reference fit (debug flavour, 3 epochs, seed 0, 1 worker) on `cat`: what
+    REFERENCE_CURVE holds the mean of, and tests/test_train.py compares with it."""
+    from train.config import TrainConfig
+    from train.fit import fit
+
+    s = fit(str(cat), str(out), TrainConfig.debug().replace(epochs=3, seed=0))
+    return {k: [h[k] for h in s["history"]] for k in ("loss", "mse", "stats_mse", "ntx", "val_loss")}
+
 
 def _save(folder: Path, tensors: dict[str, torch.Tensor], config: dict | None = None, name="model.safetensors"):
     folder.mkdir(parents=True, exist_ok=True)

@@ -10,7 +10,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -26,8 +25,6 @@ from train.data import list_models, read_tokens, split_models
 from train.losses import LossConfig, backbone_loss, masked_mse, nt_xent
 from train.model import Backbone, ModelConfig, token_mask
 from train.normalize import N_STATS, Normalizer
-
-REFERENCE = Path(__file__).parent / "assets" / "debug_loss_curve.json"
 
 
 def _batch(cfg: ModelConfig, B: int = 3, seed: int = 0) -> dict[str, torch.Tensor]:
@@ -549,13 +546,10 @@ def test_debug_loss_curve_matches_the_reference(zoo_catalog, tmp_path):
     that bench/loss_curve_spread.py measured over 20 runs (loss 1.6%, mse 0.1%, stats 8.1%, NT-Xent 18.6%, val
     1.9%), 5% at least. A fit that stops learning leaves them far behind: its statistics loss stays near epoch 1's
     (+30% at epoch 3), a broken contrastive loss near log(2B − 1) ≈ 3.4 (+79%)."""
-    from train.fit import fit
+    from modelfactory import REFERENCE_CURVE, reference_curve
 
-    _, cat = zoo_catalog
-    s = fit(str(cat), str(tmp_path / "ref"), TrainConfig.debug().replace(epochs=3, seed=0))
-    curve = {k: [round(h[k], 6) for h in s["history"]] for k in ("loss", "mse", "stats_mse", "ntx", "val_loss")}
-    ref = json.loads(REFERENCE.read_text())
-    rtols = {"loss": 0.05, "mse": 0.05, "stats_mse": 0.17, "ntx": 0.38, "val_loss": 0.05}
+    curve = reference_curve(zoo_catalog[1], tmp_path / "ref")
+    ref = json.loads(REFERENCE_CURVE.read_text())
+    rtol = {"loss": 0.05, "mse": 0.05, "stats_mse": 0.17, "ntx": 0.38, "val_loss": 0.05}
     for key, values in curve.items():
-        rtol = rtols[key]
-        np.testing.assert_allclose(values, ref[key], rtol=rtol, err_msg=f"{key} per epoch left the reference curve")
+        np.testing.assert_allclose(values, ref[key], rtol=rtol[key], err_msg=f"{key} per epoch left the reference curve")
